@@ -1,0 +1,338 @@
+"""Class lists, POLE synonym candidates and background words shipped as data (PASCAL VOC 2012, COCO).
+
+Sources: PASCAL VOC 2012 devkit class order; CLIP-ES ``clip_text.py`` (hand-picked words, background words);
+POLE ``utils.py`` (candidate class words); CLIMS/POLE ``clip_utils.py`` (prompt words).
+"""
+
+from __future__ import annotations
+
+VOC_CLASSES: tuple[str, ...] = (
+    'aeroplane',
+    'bicycle',
+    'bird',
+    'boat',
+    'bottle',
+    'bus',
+    'car',
+    'cat',
+    'chair',
+    'cow',
+    'diningtable',
+    'dog',
+    'horse',
+    'motorbike',
+    'person',
+    'pottedplant',
+    'sheep',
+    'sofa',
+    'train',
+    'tvmonitor',
+)
+
+"""The 20 PASCAL VOC foreground classes in devkit order (mask ids 1..20; 0 is background, 255 ignore)."""
+
+VOC_CLIP_ES_WORDS: dict[str, str] = {
+    "aeroplane": "aeroplane",
+    "bicycle": "bicycle",
+    "bird": "bird avian",
+    "boat": "boat",
+    "bottle": "bottle",
+    "bus": "bus",
+    "car": "car",
+    "cat": "cat",
+    "chair": "chair seat",
+    "cow": "cow",
+    "diningtable": "diningtable",
+    "dog": "dog",
+    "horse": "horse",
+    "motorbike": "motorbike",
+    "person": "person with clothes,people,human",
+    "pottedplant": "pottedplant",
+    "sheep": "sheep",
+    "sofa": "sofa",
+    "train": "train",
+    "tvmonitor": "tvmonitor screen"
+}
+
+"""CLIP-ES's hand-renamed class words for VOC."""
+
+VOC_PROMPT_WORDS: dict[str, str] = {
+    "aeroplane": "aeroplane",
+    "bicycle": "bicycle",
+    "bird": "bird",
+    "boat": "boat",
+    "bottle": "bottle",
+    "bus": "bus",
+    "car": "car",
+    "cat": "cat",
+    "chair": "chair",
+    "cow": "cow",
+    "diningtable": "dining table",
+    "dog": "dog",
+    "horse": "horse",
+    "motorbike": "motorbike",
+    "person": "player",
+    "pottedplant": "potted plant",
+    "sheep": "sheep",
+    "sofa": "sofa",
+    "train": "train",
+    "tvmonitor": "tv monitor"
+}
+
+"""CLIMS/POLE's prompt words for VOC (``person`` is called ``player``)."""
+
+VOC_SYNONYMS: dict[str, list[str]] = {
+    "aeroplane": [
+        "aeroplane",
+        "aircraft",
+        "airplane",
+        "plane"
+    ],
+    "bicycle": [
+        "bicycle",
+        "bike",
+        "cycle",
+        "pedal bike"
+    ],
+    "bird": [
+        "bird",
+        "avian",
+        "fowl",
+        "feathered friend"
+    ],
+    "boat": [
+        "boat",
+        "ship",
+        "vessel",
+        "watercraft"
+    ],
+    "bottle": [
+        "bottle",
+        "flask",
+        "container",
+        "jar"
+    ],
+    "bus": [
+        "bus",
+        "coach",
+        "transit",
+        "omnibus"
+    ],
+    "car": [
+        "car",
+        "automobile",
+        "vehicle",
+        "sedan"
+    ],
+    "cat": [
+        "cat",
+        "feline",
+        "kitty",
+        "tomcat"
+    ],
+    "chair": [
+        "chair",
+        "seat",
+        "armchair",
+        "recliner"
+    ],
+    "cow": [
+        "cow",
+        "bovine",
+        "heifer",
+        "bull"
+    ],
+    "diningtable": [
+        "dining table",
+        "kitchen table",
+        "dinner table",
+        "breakfast table"
+    ],
+    "dog": [
+        "dog",
+        "canine",
+        "puppy",
+        "hound"
+    ],
+    "horse": [
+        "horse",
+        "equine",
+        "mare",
+        "stallion"
+    ],
+    "motorbike": [
+        "motorbike",
+        "motorcycle",
+        "bike",
+        "scooter"
+    ],
+    "person": [
+        "player",
+        "person",
+        "individual",
+        "human",
+        "people"
+    ],
+    "pottedplant": [
+        "potted plant",
+        "houseplant",
+        "flowerpot",
+        "planter"
+    ],
+    "sheep": [
+        "sheep",
+        "lamb",
+        "ewe",
+        "ram"
+    ],
+    "sofa": [
+        "sofa",
+        "couch",
+        "loveseat",
+        "settee"
+    ],
+    "train": [
+        "train",
+        "locomotive",
+        "subway",
+        "monorail"
+    ],
+    "tvmonitor": [
+        "tv monitor",
+        "television",
+        "display screen",
+        "flat screen"
+    ]
+}
+
+"""POLE's candidate class words per VOC class, used by class-token selection."""
+
+CLIP_ES_BACKGROUND_WORDS: tuple[str, ...] = tuple([
+    "ground",
+    "land",
+    "grass",
+    "tree",
+    "building",
+    "wall",
+    "sky",
+    "lake",
+    "water",
+    "river",
+    "sea",
+    "railway",
+    "railroad",
+    "keyboard",
+    "helmet",
+    "cloud",
+    "house",
+    "mountain",
+    "ocean",
+    "road",
+    "rock",
+    "street",
+    "valley",
+    "bridge",
+    "sign"
+])
+
+"""CLIP-ES's background words for VOC (COCO drops ``keyboard`` and ``sign``)."""
+
+COCO_BACKGROUND_WORDS: tuple[str, ...] = tuple(w for w in CLIP_ES_BACKGROUND_WORDS if w not in ("keyboard", "sign"))
+
+COCO_CLASSES: tuple[str, ...] = tuple([
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush"
+])
+
+"""The 80 COCO object categories in category-id order."""
+
+POLE_LOSS_WEIGHTS: dict[str, float] = {"otm": 10.0, "btm": 25.0, "cbs": 1.0}
+"""POLE's loss weights (run_CLIMS.sh ``--hyper 10.0,25.0,1.0,0.0``)."""
+CBS_SIMILARITY_THRESHOLD: float = 0.26
+SCORE_CLAMP: tuple[float, float] = (0.0001, 0.9999)
+SELECTION_TEMPLATE: str = 'A photo of {}.'
+CLIP_ES_TEMPLATE: str = 'a clean origami {}.'
+DEFAULT_TEMPLATE: str = "a photo of a {}."
+
+
+def voc_synonyms() -> dict[str, list[str]]:
+    """Return a fresh copy of POLE's VOC candidate words, keyed by VOC class name."""
+    return {name: list(words) for name, words in VOC_SYNONYMS.items()}
