@@ -1,3 +1,16 @@
-"""pole_hf: POLE prompt class learning for weakly supervised semantic segmentation with CLIP, on Hugging Face."""
+"""pole_hf: POLE prompt class learning for weakly supervised semantic segmentation with CLIP, on Hugging Face.
+
+Importing the package registers the ``"pole"`` model type with transformers' Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_pole import PoleConfig
+from .modeling_pole import PoleModelOutput, PolePromptModel
 
 __version__ = "0.1.0"
+
+AutoConfig.register(PoleConfig.model_type, PoleConfig, exist_ok=True)
+AutoModel.register(PoleConfig, PolePromptModel, exist_ok=True)
+
+__all__ = ["PoleConfig", "PolePromptModel", "PoleModelOutput", "__version__"]

@@ -1,0 +1,16 @@
+"""Models shipped inside the package: the tiny CLIP trained on the synthetic world, and prompts learned on it."""
+
+from __future__ import annotations
+
+import os
+
+ASSETS_DIR = os.path.dirname(os.path.abspath(__file__))
+TINY_CLIP = os.path.join(ASSETS_DIR, "tiny-clip")
+"""Folder of the bundled tiny CLIP (an ordinary HF folder: `CLIPModel.from_pretrained(TINY_CLIP)`)."""
+TINY_PROMPTS = os.path.join(ASSETS_DIR, "tiny-prompts")
+"""Folder of prompts learned on the synthetic world for the bundled tiny CLIP."""
+
+
+def has_tiny_clip() -> bool:
+    """Whether the bundled tiny CLIP is present in this installation."""
+    return os.path.isfile(os.path.join(TINY_CLIP, "config.json"))

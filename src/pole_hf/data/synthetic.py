@@ -1,0 +1,465 @@
+"""A seeded synthetic world for weakly supervised segmentation: textured objects on textured backgrounds.
+
+Every object class is recognisable from any patch *inside* the object (its two-colour texture), never from its
+outline: shapes (circle, ellipse, square, blob), colours, sizes and positions are drawn independently of the class.
+Objects are large (radius 22-34% of the image side), as measured in ``shared/notes/tiny-clip.md``, and may occlude
+each other, but every object keeps a visible part, so the image-level labels are exactly the ids in the mask.
+
+Captions name the classes with a skewed vocabulary: for half of the classes the official class name is a rare word
+(5% of mentions) while another word is used 70% of the time, which is the gap POLE's class-token selection exploits.
+
+Conventions (as PASCAL VOC in ``pole_hf.data.voc``): ``labels`` holds class indices ``0..C-1`` into
+``class_names``; the mask holds ``class index + 1`` and 0 for background.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class WorldClass:
+    """One object class of the synthetic world.
+
+    Args:
+        name: The official class name (the ``ClassLabel`` name).
+        texture: The texture painted inside the object, one of ``TEXTURES``.
+        words: Caption vocabulary as ``(word, probability)`` pairs; probabilities sum to 1.
+    """
+
+    name: str
+    texture: str
+    words: tuple[tuple[str, float], ...]
+
+
+TEXTURES: tuple[str, ...] = (
+    "horizontal_stripes", "vertical_stripes", "checkerboard", "rings",
+    "dots", "diagonal_stripes", "grid", "zigzag",
+)
+
+WORLD_CLASSES: tuple[WorldClass, ...] = (
+    # Official name is a rare word (5%): POLE should pick the frequent word.
+    WorldClass("zebra", "horizontal_stripes", (("stripes", 0.70), ("bands", 0.17), ("streaks", 0.08), ("zebra", 0.05))),
+    WorldClass("fence", "vertical_stripes", (("bars", 0.70), ("columns", 0.25), ("fence", 0.05))),
+    WorldClass("chessboard", "checkerboard", (("checkers", 0.70), ("tiles", 0.25), ("chessboard", 0.05))),
+    WorldClass("target", "rings", (("rings", 0.70), ("bullseye", 0.25), ("target", 0.05))),
+    # Official name is the frequent word: POLE should keep it.
+    WorldClass("dots", "dots", (("dots", 0.70), ("spots", 0.25), ("freckles", 0.05))),
+    WorldClass("slashes", "diagonal_stripes", (("slashes", 0.70), ("diagonals", 0.25), ("twill", 0.05))),
+    WorldClass("grid", "grid", (("grid", 0.70), ("mesh", 0.15), ("lattice", 0.10), ("netting", 0.05))),
+    WorldClass("zigzag", "zigzag", (("zigzag", 0.70), ("chevron", 0.25), ("lightning", 0.05))),
+)
+"""The default class table: official name, texture and caption vocabulary of each of the 8 classes."""
+
+BACKGROUND_PHRASES: dict[str, str] = {
+    "grass": "on grass",
+    "sky": "in the sky",
+    "water": "on water",
+    "sand": "on sand",
+}
+"""Background kinds and the phrase a caption appends when it mentions the background."""
+
+CAPTION_TEMPLATES: tuple[str, ...] = ("a photo of {}", "a picture of {}", "{}", "an image of {}")
+"""Caption templates; ``{}`` receives the class words joined as ``"A"``, ``"A and B"`` or ``"A, B and C"``."""
+
+SHAPES: tuple[str, ...] = ("circle", "ellipse", "square", "blob")
+
+ImageSize = int | tuple[int, int]
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
+
+
+@lru_cache(maxsize=8)
+def _pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    ys.flags.writeable = False
+    xs.flags.writeable = False
+    return ys, xs
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a ``cells x cells`` random grid bilinearly upsampled to ``(height, width)``."""
+    grid = rng.random((cells + 1, cells + 1), dtype=np.float32)
+    gy = np.linspace(0, cells, height, dtype=np.float32)
+    gx = np.linspace(0, cells, width, dtype=np.float32)
+    y0 = np.minimum(gy.astype(np.int64), cells - 1)
+    x0 = np.minimum(gx.astype(np.int64), cells - 1)
+    wy = (gy - y0)[:, None]
+    wx = (gx - x0)[None, :]
+    top = grid[y0][:, x0] * (1 - wx) + grid[y0][:, x0 + 1] * wx
+    bottom = grid[y0 + 1][:, x0] * (1 - wx) + grid[y0 + 1][:, x0 + 1] * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def _background(kind: str, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Paint a background of the given kind as a float32 ``(H, W, 3)`` image: two tinted colours blended by a map."""
+    ys, xs = _pixel_grid(height, width)
+    side = min(height, width)
+    if kind == "grass":  # green-ish, low-frequency blotches plus fine grain
+        hue = rng.uniform(0.20, 0.38)
+        dark, light = _hsv(hue, rng.uniform(0.5, 0.8), 0.3), _hsv(hue + 0.03, rng.uniform(0.4, 0.7), 0.7)
+        blend = 0.6 * _smooth_noise(rng, height, width, 4) + 0.4 * rng.random((height, width), dtype=np.float32)
+    elif kind == "sky":  # smooth gradient with faint clouds
+        hue = rng.uniform(0.52, 0.64)
+        dark, light = _hsv(hue, rng.uniform(0.5, 0.8), 0.75), _hsv(hue, 0.15, 1.0)
+        slope = rng.uniform(-0.3, 0.3)
+        blend = np.clip(ys / height + slope * (xs / width - 0.5), 0, 1) * 0.8
+        blend = blend + 0.2 * _smooth_noise(rng, height, width, 3)
+    elif kind == "water":  # soft horizontal waves, wider than any object texture
+        hue = rng.uniform(0.45, 0.60)
+        dark, light = _hsv(hue, rng.uniform(0.6, 0.9), 0.4), _hsv(hue, rng.uniform(0.3, 0.6), 0.7)
+        wavelength = rng.uniform(0.15, 0.25) * side
+        wobble = rng.uniform(0.2, 0.5) * np.sin(2 * np.pi * xs / (rng.uniform(0.4, 0.8) * side) + rng.uniform(0, 6.3))
+        blend = 0.5 + 0.35 * np.sin(2 * np.pi * (ys / wavelength + wobble)) + 0.15 * (_smooth_noise(rng, height, width, 3) - 0.5)
+    elif kind == "sand":  # beige with salt-and-pepper speckle
+        hue = rng.uniform(0.07, 0.14)
+        dark, light = _hsv(hue, rng.uniform(0.3, 0.5), 0.55), _hsv(hue, rng.uniform(0.2, 0.4), 0.9)
+        speckle = rng.random((height, width), dtype=np.float32)
+        blend = 0.7 + 0.2 * _smooth_noise(rng, height, width, 3) - 0.6 * (speckle < 0.08) + 0.3 * (speckle > 0.95)
+    else:
+        raise ValueError(f"Unknown background kind {kind!r}: use one of {sorted(BACKGROUND_PHRASES)}.")
+    blend = np.clip(blend, 0.0, 1.0)[..., None]
+    return dark * (1 - blend) + light * blend
+
+
+def _shape_mask(shape: str, rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:
+    """Boolean mask of a shape centred at ``dy = dx = 0`` whose area is about that of a disc of ``radius``."""
+    angle = rng.uniform(0, np.pi)
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    if shape == "circle":
+        return u * u + v * v <= radius * radius
+    if shape == "ellipse":
+        stretch = rng.uniform(1.2, 1.6)
+        return (u / (radius * stretch)) ** 2 + (v * stretch / radius) ** 2 <= 1.0
+    if shape == "square":
+        half = 0.886 * radius  # same area as the disc
+        return np.maximum(np.abs(u), np.abs(v)) <= half
+    if shape == "blob":  # radius modulated by a few random harmonics of the polar angle
+        theta = np.arctan2(v, u)
+        bound = np.ones_like(theta)
+        for k in (2, 3, 5):
+            bound += rng.uniform(0.0, 0.12) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+        return u * u + v * v <= (radius * bound) ** 2
+    raise ValueError(f"Unknown shape {shape!r}: use one of {SHAPES}.")
+
+
+def _texture(texture: str, rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, period: float) -> np.ndarray:
+    """Boolean two-colour pattern of ``texture`` at offsets ``(dy, dx)`` from the object centre."""
+    jitter = np.deg2rad(rng.uniform(-10, 10))
+    base = {"vertical_stripes": np.pi / 2, "diagonal_stripes": rng.choice([np.pi / 4, -np.pi / 4])}.get(texture, 0.0)
+    angle = base + jitter
+    # u runs along the texture's main direction, v across it (stripes vary along v).
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    phase_u, phase_v = rng.random(2)
+    if texture in ("horizontal_stripes", "vertical_stripes", "diagonal_stripes"):
+        return (v / period + phase_v) % 1.0 < rng.uniform(0.4, 0.6)
+    if texture == "checkerboard":
+        cell = 0.6 * period
+        return (np.floor(u / cell + phase_u) + np.floor(v / cell + phase_v)) % 2 == 0
+    if texture == "dots":
+        fu = (u / period + phase_u) % 1.0 - 0.5
+        fv = (v / period + phase_v) % 1.0 - 0.5
+        return fu * fu + fv * fv < rng.uniform(0.24, 0.32) ** 2
+    if texture == "rings":
+        cy, cx = rng.uniform(-0.15, 0.15, size=2) * period * 3
+        return (np.sqrt((dy - cy) ** 2 + (dx - cx) ** 2) / period + phase_v) % 1.0 < 0.5
+    if texture == "grid":
+        width = rng.uniform(0.22, 0.3)
+        return ((u / period + phase_u) % 1.0 < width) | ((v / period + phase_v) % 1.0 < width)
+    if texture == "zigzag":
+        length = rng.uniform(1.2, 1.8) * period
+        tri = 2 * np.abs((u / length + phase_u) % 1.0 - 0.5)  # triangle wave in [0, 1]
+        return ((v + rng.uniform(0.5, 0.7) * period * tri) / period + phase_v) % 1.0 < 0.5
+    raise ValueError(f"Unknown texture {texture!r}: use one of {TEXTURES}.")
+
+
+def _as_rng(rng_or_seed: np.random.Generator | int | Sequence[int]) -> np.random.Generator:
+    if isinstance(rng_or_seed, np.random.Generator):
+        return rng_or_seed
+    return np.random.default_rng(rng_or_seed)
+
+
+def _size(image_size: ImageSize) -> tuple[int, int]:
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if height < 16 or width < 16:
+        raise ValueError(f"image_size={image_size!r} is too small: use at least 16 pixels per side.")
+    return int(height), int(width)
+
+
+class SyntheticWorld:
+    """The rules of the synthetic world: classes, their textures and words, backgrounds, object layout.
+
+    Args:
+        classes: The class table (official name, texture, words with probabilities); defaults to ``WORLD_CLASSES``.
+        object_count_weights: Probabilities of 1, 2, 3, ... objects per image (distinct classes).
+        radius_range: Object radius as a fraction of the shorter image side.
+        min_visible_fraction: Every object keeps at least this fraction of its in-image area unoccluded;
+            an object that would hide more of an earlier one is resampled, and dropped after ``max_tries``.
+        background_mention_prob: Probability that a caption mentions the background (``"... on grass"``).
+        noise_std: Standard deviation of the per-pixel Gaussian noise added to the image (0-255 scale).
+        max_tries: Placement attempts per object.
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[WorldClass] = WORLD_CLASSES,
+        object_count_weights: Sequence[float] = (0.5, 0.35, 0.15),
+        radius_range: tuple[float, float] = (0.22, 0.34),
+        min_visible_fraction: float = 0.3,
+        background_mention_prob: float = 0.3,
+        noise_std: float = 4.0,
+        max_tries: int = 20,
+    ):
+        self.classes = tuple(classes)
+        seen: dict[str, str] = {}
+        reserved = {w for t in CAPTION_TEMPLATES + tuple(BACKGROUND_PHRASES.values()) for w in t.split()} | {"and"}
+        for spec in self.classes:
+            if spec.texture not in TEXTURES:
+                raise ValueError(f"Class {spec.name!r} has unknown texture {spec.texture!r}: use one of {TEXTURES}.")
+            if abs(sum(p for _, p in spec.words) - 1.0) > 1e-6:
+                raise ValueError(f"Word probabilities of class {spec.name!r} sum to {sum(p for _, p in spec.words)}: make them sum to 1.")
+            if spec.name not in {w for w, _ in spec.words}:
+                raise ValueError(f"Class {spec.name!r} is missing from its own words {spec.words}: add it.")
+            for word, _ in spec.words:
+                if word in seen or word in reserved:
+                    raise ValueError(f"Word {word!r} of class {spec.name!r} is already used by {seen.get(word, 'the captions')}: pick another.")
+                seen[word] = spec.name
+        weights = np.asarray(object_count_weights, dtype=np.float64)
+        if len(weights) > len(self.classes) or abs(weights.sum() - 1.0) > 1e-6:
+            raise ValueError(f"object_count_weights={tuple(object_count_weights)} must sum to 1 with at most {len(self.classes)} entries.")
+        self.object_count_weights = weights
+        self.radius_range = radius_range
+        self.min_visible_fraction = min_visible_fraction
+        self.background_mention_prob = background_mention_prob
+        self.noise_std = noise_std
+        self.max_tries = max_tries
+        self._word_lists = [[w for w, _ in spec.words] for spec in self.classes]
+        self._word_probs = [np.array([p for _, p in spec.words]) for spec in self.classes]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Official class names, in label order."""
+        return [spec.name for spec in self.classes]
+
+    @property
+    def words(self) -> dict[str, list[tuple[str, float]]]:
+        """Caption vocabulary per class: ``{class name: [(word, probability), ...]}``."""
+        return {spec.name: list(spec.words) for spec in self.classes}
+
+    @property
+    def background_kinds(self) -> list[str]:
+        """Background kinds, e.g. ``["grass", "sky", "water", "sand"]``."""
+        return list(BACKGROUND_PHRASES)
+
+    @property
+    def rare_name_classes(self) -> list[str]:
+        """Classes whose official name is not their most frequent caption word."""
+        return [spec.name for spec in self.classes if self.frequent_word(spec.name) != spec.name]
+
+    def _index(self, cls: int | str) -> int:
+        if isinstance(cls, str):
+            if cls not in self.class_names:
+                raise ValueError(f"Unknown class {cls!r}: the world's classes are {self.class_names}.")
+            return self.class_names.index(cls)
+        if not 0 <= int(cls) < len(self.classes):
+            raise ValueError(f"Class index {cls} is out of range: use 0..{len(self.classes) - 1}.")
+        return int(cls)
+
+    def frequent_word(self, cls: int | str) -> str:
+        """The word captions use most often for ``cls`` (a class name or index)."""
+        spec = self.classes[self._index(cls)]
+        return max(spec.words, key=lambda wp: wp[1])[0]
+
+    def features(self, with_caption: bool = True) -> datasets.Features:
+        """The ``datasets.Features`` of ``load_synthetic`` for this world."""
+        features = {"image": datasets.Image(), "mask": datasets.Image(), "labels": datasets.List(datasets.ClassLabel(names=self.class_names))}
+        if with_caption:
+            features["caption"] = datasets.Value("string")
+        return datasets.Features(features)
+
+    def caption(self, labels: Sequence[int | str], rng: np.random.Generator | int, background: str | None = None) -> str:
+        """Write a caption naming ``labels`` with words drawn from the skewed vocabulary, in random order.
+
+        Args:
+            labels: Class indices or names present in the image.
+            rng: A numpy ``Generator`` (or a seed) to draw words, order, template and background mention.
+            background: The image's background kind; mentioned with probability ``background_mention_prob``.
+
+        Returns:
+            A caption such as ``"a photo of stripes and dots"`` or ``"rings, grid and bars on grass"``.
+        """
+        rng = _as_rng(rng)
+        indices = [self._index(label) for label in labels]
+        if not indices:
+            raise ValueError("caption() got no labels: pass at least one class index or name.")
+        words = [self._word_lists[i][rng.choice(len(self._word_lists[i]), p=self._word_probs[i])] for i in indices]
+        words = [words[i] for i in rng.permutation(len(words))]
+        listing = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+        text = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(listing)
+        if background is not None and rng.random() < self.background_mention_prob:
+            text += " " + BACKGROUND_PHRASES[background]
+        return text
+
+    def _place_objects(self, rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Choose classes, shapes and positions; return the instance map (0 = background, k = k-th object) and objects."""
+        ys, xs = _pixel_grid(height, width)
+        side = min(height, width)
+        count = rng.choice(len(self.object_count_weights), p=self.object_count_weights) + 1
+        classes = rng.choice(len(self.classes), size=count, replace=False)
+        instances = np.zeros((height, width), dtype=np.uint8)
+        areas: list[int] = []
+        objects: list[dict[str, Any]] = []
+        for cls in classes:
+            for _ in range(self.max_tries):
+                shape = SHAPES[rng.integers(len(SHAPES))]
+                radius = rng.uniform(*self.radius_range) * side
+                cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
+                region = _shape_mask(shape, rng, ys - cy, xs - cx, radius)
+                area = int(region.sum())
+                if area < 0.03 * height * width:
+                    continue
+                left = np.bincount(instances[~region], minlength=len(objects) + 1)[1:]
+                if all(left[k] >= self.min_visible_fraction * areas[k] for k in range(len(objects))):
+                    break
+            else:
+                continue  # every try would hide an earlier object too much: drop this one
+            instances[region] = len(objects) + 1
+            areas.append(area)
+            objects.append({"label": int(cls), "shape": shape, "center": (float(cy), float(cx)), "radius": float(radius)})
+        return instances, objects
+
+    def sample(self, rng_or_seed: np.random.Generator | int | Sequence[int], image_size: ImageSize = 96) -> dict[str, Any]:
+        """Draw one image of the world.
+
+        Args:
+            rng_or_seed: A numpy ``Generator``, or a seed (int or sequence of ints) for ``np.random.default_rng``.
+            image_size: Side length, or ``(height, width)``.
+
+        Returns:
+            A dict with ``image`` (uint8 ``(H, W, 3)``), ``mask`` (uint8 ``(H, W)``, class index + 1, 0 = background),
+            ``instances`` (uint8 ``(H, W)``, k = k-th object, 0 = background), ``labels`` (sorted class indices
+            present in the mask), ``caption`` (str), ``background`` (kind) and ``objects`` (per object: ``label``,
+            ``shape``, ``center``, ``radius``, ``texture``, in drawing order).
+        """
+        rng = _as_rng(rng_or_seed)
+        height, width = _size(image_size)
+        background = self.background_kinds[rng.integers(len(BACKGROUND_PHRASES))]
+        image = _background(background, rng, height, width)
+        instances, objects = self._place_objects(rng, height, width)
+        ys, xs = _pixel_grid(height, width)
+        class_of_instance = np.zeros(len(objects) + 1, dtype=np.uint8)
+        for k, obj in enumerate(objects, start=1):
+            spec = self.classes[obj["label"]]
+            obj["texture"] = spec.texture
+            class_of_instance[k] = obj["label"] + 1
+            hue = rng.random()
+            light = _hsv(hue, rng.uniform(0.5, 1.0), rng.uniform(0.75, 1.0))
+            dark = _hsv(hue + rng.uniform(0.3, 0.7), rng.uniform(0.4, 1.0), rng.uniform(0.1, 0.4))
+            period = max(4.0, rng.uniform(0.055, 0.085) * min(height, width))
+            visible = instances == k
+            rows, cols = np.flatnonzero(visible.any(axis=1)), np.flatnonzero(visible.any(axis=0))
+            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            cy, cx = obj["center"]
+            pattern = _texture(spec.texture, rng, ys[box] - cy, xs[box] - cx, period)
+            inside = visible[box]
+            image[box][inside] = np.where(pattern[inside][:, None], light, dark)
+        image += rng.standard_normal(image.shape, dtype=np.float32) * self.noise_std
+        image = np.clip(image, 0, 255).astype(np.uint8)
+        mask = class_of_instance[instances]
+        labels = sorted(obj["label"] for obj in objects)
+        caption = self.caption(labels, rng, background=background)
+        return {"image": image, "mask": mask, "instances": instances, "labels": labels, "caption": caption,
+                "background": background, "objects": objects}
+
+    def __repr__(self) -> str:
+        return f"SyntheticWorld(classes={self.class_names}, backgrounds={self.background_kinds})"
+
+
+def _split_stream(split: str | None) -> int:
+    return zlib.crc32(str(split or "train").encode("utf-8"))
+
+
+def generate(
+    num_images: int, seed: int = 0, image_size: ImageSize = 96, split: str | None = None, world: SyntheticWorld | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield ``num_images`` samples of the world as numpy arrays (see ``SyntheticWorld.sample``).
+
+    Image ``i`` is drawn from ``np.random.default_rng([seed, crc32(split), i])``: it depends only on ``seed``,
+    ``split`` (``None`` means ``"train"``), ``i`` and ``image_size``, never on ``num_images``.
+
+    Args:
+        num_images: How many images to yield.
+        seed: Non-negative base seed.
+        image_size: Side length, or ``(height, width)``.
+        split: Split name; different names give disjoint random streams.
+        world: The world's rules; defaults to ``SyntheticWorld()``.
+    """
+    if num_images < 0 or seed < 0:
+        raise ValueError(f"num_images={num_images} and seed={seed} must both be non-negative.")
+    world = world or SyntheticWorld()
+    stream = _split_stream(split)
+    for index in range(num_images):
+        yield world.sample(np.random.default_rng([seed, stream, index]), image_size)
+
+
+def _png(array: np.ndarray) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def load_synthetic(
+    num_images: int = 1000,
+    seed: int = 0,
+    image_size: ImageSize = 96,
+    split: str | None = None,
+    world: SyntheticWorld | None = None,
+    with_caption: bool = True,
+) -> datasets.Dataset:
+    """Generate the synthetic world as an in-memory ``datasets.Dataset``.
+
+    Columns: ``image`` (RGB), ``mask`` (mode "L", class index + 1, 0 = background), ``labels``
+    (``List(ClassLabel)``) and ``caption``. Images are stored as PNG bytes (about 15 KB per 96-px image); for very
+    large worlds iterate ``generate`` instead or ``save_to_disk`` the result.
+
+    Args:
+        num_images: How many images.
+        seed: Non-negative base seed; the same seed gives byte-identical images and masks.
+        image_size: Side length, or ``(height, width)``.
+        split: Split name (``None`` means ``"train"``); different names give different images.
+        world: The world's rules; defaults to ``SyntheticWorld()``.
+        with_caption: Whether to include the ``caption`` column.
+
+    Returns:
+        A ``datasets.Dataset`` of ``num_images`` rows.
+    """
+    world = world or SyntheticWorld()
+    columns: dict[str, list] = {"image": [], "mask": [], "labels": []}
+    if with_caption:
+        columns["caption"] = []
+    for sample in generate(num_images, seed=seed, image_size=image_size, split=split, world=world):
+        columns["image"].append(_png(sample["image"]))
+        columns["mask"].append(_png(sample["mask"]))
+        columns["labels"].append(sample["labels"])
+        if with_caption:
+            columns["caption"].append(sample["caption"])
+    features = world.features(with_caption)
+    info = datasets.DatasetInfo(
+        description=f"pole_hf synthetic world: {num_images} images, seed={seed}, size={image_size}, {world!r}",
+        features=features,
+    )
+    return datasets.Dataset.from_dict(columns, features=features, info=info, split=datasets.NamedSplit(split or "train"))

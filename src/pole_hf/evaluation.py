@@ -1,0 +1,284 @@
+"""Segmentation evaluation: a streaming confusion matrix, mIoU, and CLIP-ES' background threshold sweep.
+
+Memory stays flat in the dataset size: each image is reduced to a `[C, C]` int64 histogram as it arrives.
+Partial results of several processes add up with `merge`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .masks import IGNORE_ID, cams_to_mask
+
+_METRIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "mean_iou")
+
+
+class ConfusionMatrix:
+    """Streaming confusion matrix over `num_classes` labels (background included), rows = target, columns = prediction.
+
+    Target pixels equal to `ignore_index` never count. Predicted pixels equal to `ignore_index` (unlabelled pixels of a
+    pseudo mask) are skipped by default; with `count_ignored_predictions=True` they count as misses of their target class.
+
+    Args:
+        num_classes: Number of labels, background included (21 for PASCAL VOC).
+        ignore_index: Label that marks pixels to leave out.
+        count_ignored_predictions: Count unlabelled predictions as wrong instead of skipping them.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_ID, count_ignored_predictions: bool = False):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}; count the background too.")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index {ignore_index} is a class label (num_classes={num_classes}); use e.g. 255.")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.count_ignored_predictions = bool(count_ignored_predictions)
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.unlabelled = np.zeros(num_classes, dtype=np.int64)  # target pixels per class predicted as ignore_index
+
+    def _check_labels(self, labels: np.ndarray, name: str) -> None:
+        valid = labels[labels != self.ignore_index]
+        if valid.size and (valid.min() < 0 or valid.max() >= self.num_classes):
+            bad = valid.max() if valid.max() >= self.num_classes else valid.min()
+            raise ValueError(
+                f"{name} holds label {bad} outside 0..{self.num_classes - 1} (and not ignore_index "
+                f"{self.ignore_index}); check num_classes or the label mapping."
+            )
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> "ConfusionMatrix":
+        """Adds one prediction / ground-truth pair (any matching shape; arrays or "P"/"L" PIL images).
+
+        Args:
+            pred: Predicted labels.
+            target: Ground-truth labels.
+
+        Returns:
+            `self`, for chaining.
+        """
+        pred = np.asarray(pred).astype(np.int64, copy=False)
+        target = np.asarray(target).astype(np.int64, copy=False)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred shape {pred.shape} differs from target shape {target.shape}; resize one to the other.")
+        self._check_labels(pred, "pred")
+        self._check_labels(target, "target")
+        keep = target != self.ignore_index
+        unlabelled = keep & (pred == self.ignore_index)
+        if unlabelled.any():
+            self.unlabelled += np.bincount(target[unlabelled], minlength=self.num_classes)
+        keep &= ~unlabelled
+        index = target[keep] * self.num_classes + pred[keep]
+        self.matrix += np.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+        return self
+
+    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+        """Adds the counts of another matrix (e.g. from another process) into this one.
+
+        Args:
+            other: A matrix with the same `num_classes` and `ignore_index`.
+
+        Returns:
+            `self`, for chaining.
+        """
+        if (other.num_classes, other.ignore_index) != (self.num_classes, self.ignore_index):
+            raise ValueError(
+                f"cannot merge a matrix of (num_classes, ignore_index) = {(other.num_classes, other.ignore_index)} "
+                f"into one of {(self.num_classes, self.ignore_index)}; build both with the same settings."
+            )
+        self.matrix += other.matrix
+        self.unlabelled += other.unlabelled
+        return self
+
+    def reset(self) -> None:
+        """Sets every count back to zero."""
+        self.matrix[:] = 0
+        self.unlabelled[:] = 0
+
+    def _target_totals(self) -> np.ndarray:
+        totals = self.matrix.sum(axis=1)
+        return totals + self.unlabelled if self.count_ignored_predictions else totals
+
+    def iou(self) -> np.ndarray:
+        """Per-class intersection over union.
+
+        Returns:
+            Float64 array `[num_classes]`; NaN for classes absent from both targets and predictions.
+        """
+        true_positive = np.diag(self.matrix).astype(np.float64)
+        union = self._target_totals() + self.matrix.sum(axis=0) - true_positive
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(union > 0, true_positive / np.maximum(union, 1), np.nan)
+
+    def miou(self) -> float:
+        """Mean IoU over the classes present in targets or predictions (NaN if nothing was counted)."""
+        values = self.iou()
+        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+    def class_accuracy(self) -> np.ndarray:
+        """Per-class recall: correct pixels over target pixels (NaN for classes absent from the targets)."""
+        totals = self._target_totals()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(totals > 0, np.diag(self.matrix) / np.maximum(totals, 1), np.nan)
+
+    def precision(self) -> np.ndarray:
+        """Per-class precision: correct pixels over predicted pixels (NaN for classes never predicted)."""
+        totals = self.matrix.sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(totals > 0, np.diag(self.matrix) / np.maximum(totals, 1), np.nan)
+
+    def pixel_accuracy(self) -> float:
+        """Fraction of counted target pixels predicted right (NaN if nothing was counted)."""
+        total = int(self._target_totals().sum())
+        return float(np.trace(self.matrix) / total) if total else float("nan")
+
+    def coverage(self) -> float:
+        """Fraction of non-ignored target pixels that received a label (i.e. not `ignore_index`) in the prediction."""
+        labelled = int(self.matrix.sum())
+        total = labelled + int(self.unlabelled.sum())
+        return float(labelled / total) if total else float("nan")
+
+    def as_table(self, class_names: Sequence[str] | None = None) -> str:
+        """Renders per-class IoU, precision and recall (in %) as a markdown table, with the mean as its last row.
+
+        Args:
+            class_names: One name per class, background first; defaults to the class indices.
+
+        Returns:
+            The table as a string.
+        """
+        if class_names is None:
+            class_names = [str(i) for i in range(self.num_classes)]
+        if len(class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for {self.num_classes} classes; pass one per class.")
+
+        def fmt(value: float) -> str:
+            return "-" if np.isnan(value) else f"{100 * value:.2f}"
+
+        iou, precision, recall = self.iou(), self.precision(), self.class_accuracy()
+        pixels = self.matrix.sum(axis=1) + self.unlabelled
+        lines = ["| class | IoU | precision | recall | pixels |", "|---|---:|---:|---:|---:|"]
+        for index, name in enumerate(class_names):
+            lines.append(f"| {name} | {fmt(iou[index])} | {fmt(precision[index])} | {fmt(recall[index])} | {pixels[index]} |")
+        means = [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in (iou, precision, recall)]
+        lines.append(f"| **mean** | {fmt(means[0])} | {fmt(means[1])} | {fmt(means[2])} | {pixels.sum()} |")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"ConfusionMatrix(num_classes={self.num_classes}, pixels={int(self.matrix.sum())}, miou={self.miou():.4f})"
+
+
+def evaluate_masks(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+    num_classes: int,
+    ignore_index: int = IGNORE_ID,
+    count_ignored_predictions: bool = False,
+    class_names: Sequence[str] | None = None,
+) -> dict:
+    """Evaluates (prediction, ground truth) mask pairs, streaming.
+
+    Args:
+        pairs: Iterable of `(pred, target)` arrays or "P"/"L" PIL images.
+        num_classes: Number of labels, background included.
+        ignore_index: Label to leave out.
+        count_ignored_predictions: See [`ConfusionMatrix`].
+        class_names: Optional names for the returned table.
+
+    Returns:
+        Dict with `mean_iou`, `pixel_accuracy`, `coverage`, `per_class_iou` (array), `num_images`, `table`
+        (markdown) and `confusion_matrix` (the [`ConfusionMatrix`]).
+    """
+    matrix = ConfusionMatrix(num_classes, ignore_index, count_ignored_predictions)
+    num_images = 0
+    for pred, target in pairs:
+        matrix.update(pred, target)
+        num_images += 1
+    return {
+        "mean_iou": matrix.miou(),
+        "pixel_accuracy": matrix.pixel_accuracy(),
+        "coverage": matrix.coverage(),
+        "per_class_iou": matrix.iou(),
+        "num_images": num_images,
+        "table": matrix.as_table(class_names),
+        "confusion_matrix": matrix,
+    }
+
+
+class ThresholdSweep:
+    """CLIP-ES' background search: one confusion matrix per background setting, filled image by image.
+
+    With `mode="threshold"` each value `t` is a constant background score; with `mode="power"` each value is the
+    exponent of `(1 - max cam) ** t`. Masks are made by [`pole_hf.masks.cams_to_mask`].
+
+    Args:
+        num_classes: Number of labels, background included.
+        thresholds: The background values to try (e.g. `np.arange(0, 1, 0.05)` or `(1, 2)` for power).
+        mode: `"threshold"` or `"power"`.
+        ignore_index: Target label to leave out.
+    """
+
+    def __init__(self, num_classes: int, thresholds: Sequence[float], mode: str = "threshold", ignore_index: int = IGNORE_ID):
+        if mode not in ("threshold", "power"):
+            raise ValueError(f"mode must be 'threshold' or 'power', got {mode!r}.")
+        self.thresholds = [float(t) for t in thresholds]
+        if not self.thresholds:
+            raise ValueError("thresholds is empty; pass at least one background value, e.g. [0.5].")
+        self.mode = mode
+        self.matrices = [ConfusionMatrix(num_classes, ignore_index) for _ in self.thresholds]
+
+    def update(self, cams: np.ndarray, class_ids: Sequence[int], target: np.ndarray) -> "ThresholdSweep":
+        """Adds one image.
+
+        Args:
+            cams: Foreground CAMs `[k, H, W]` in [0, 1].
+            class_ids: The k 1-based class ids of the maps.
+            target: Ground-truth mask `[H, W]`.
+
+        Returns:
+            `self`, for chaining.
+        """
+        for value, matrix in zip(self.thresholds, self.matrices):
+            if self.mode == "threshold":
+                pred = cams_to_mask(cams, class_ids, background="threshold", bg_threshold=value)
+            else:
+                pred = cams_to_mask(cams, class_ids, background="power", bg_power=value)
+            matrix.update(pred, target)
+        return self
+
+    def merge(self, other: "ThresholdSweep") -> "ThresholdSweep":
+        """Adds the counts of another sweep over the same thresholds and mode (e.g. from another process)."""
+        if (other.thresholds, other.mode) != (self.thresholds, self.mode):
+            raise ValueError("cannot merge sweeps over different thresholds or modes; build both with the same settings.")
+        for mine, theirs in zip(self.matrices, other.matrices):
+            mine.merge(theirs)
+        return self
+
+    def curve(self) -> list[tuple[float, float]]:
+        """Returns `(threshold, miou)` for every value, in the given order."""
+        return [(value, matrix.miou()) for value, matrix in zip(self.thresholds, self.matrices)]
+
+    def best(self) -> tuple[float, float]:
+        """Returns the `(threshold, miou)` with the highest mIoU (the first one on ties)."""
+        scores = [miou if not np.isnan(miou) else -np.inf for _, miou in self.curve()]
+        index = int(np.argmax(scores))
+        return self.thresholds[index], self.matrices[index].miou()
+
+
+def metric_path() -> str:
+    """Path of the shipped `evaluate` metric folder (`metrics/mean_iou`)."""
+    return _METRIC_DIR
+
+
+def load_mean_iou_metric(**kwargs):
+    """Loads the shipped mean-IoU metric with `evaluate.load`, offline (no Hub access needed).
+
+    Args:
+        **kwargs: Passed on to `evaluate.load`.
+
+    Returns:
+        An `evaluate.Metric` whose `compute(predictions, references, num_labels, ignore_index)` uses [`ConfusionMatrix`].
+    """
+    import evaluate
+
+    return evaluate.load(_METRIC_DIR, **kwargs)

@@ -1,0 +1,220 @@
+"""Saving and loading prompts like a PEFT adapter: config.json + a prompts-only safetensors beside a base CLIP reference.
+
+Nothing is ever unpickled: only safetensors files are read, and a repo that only offers a pickle is refused.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, CLIPModel
+from transformers.utils import cached_file
+
+from .atomic import atomic_path
+from .configuration_pole import PoleConfig
+
+PROMPTS_FILE = "model.safetensors"
+BASE_SUBFOLDER = "base"
+PICKLE_FILES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt", "prompts.bin")
+ID_TENSORS = ("prefix_ids", "suffix_ids", "class_token_lengths", "background_ids", "background_lengths")
+HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+
+def resolve_base_path(path: str | None) -> str:
+    """The base CLIP's location: `path`, or the bundled tiny CLIP when `path` is `None`."""
+    if path:
+        return str(path)
+    from .assets import TINY_CLIP, has_tiny_clip
+
+    if not has_tiny_clip():
+        raise ValueError("no base CLIP given and the bundled tiny CLIP is not installed: pass a base such as "
+                         "'openai/clip-vit-base-patch16' or a local CLIP folder")
+    return TINY_CLIP
+
+
+def load_base_clip(path: str | None, revision: str | None = None, subfolder: str = "", **hub_kwargs) -> CLIPModel:
+    """Load the base `CLIPModel` from a Hub id or local folder (honours the cache and `HF_HUB_OFFLINE=1`)."""
+    path = resolve_base_path(path)
+    try:
+        model = CLIPModel.from_pretrained(path, revision=revision, subfolder=subfolder, **hub_kwargs)
+    except OSError as err:
+        raise OSError(f"could not load the base CLIP {path!r} (revision {revision}): {str(err).splitlines()[0]}") \
+            from err
+    return model.eval()
+
+
+def load_base_tokenizer(path: str | None, revision: str | None = None, subfolder: str = "", **hub_kwargs):
+    """Load the base CLIP's tokenizer (same lookup as :func:`load_base_clip`)."""
+    path = resolve_base_path(path)
+    return AutoTokenizer.from_pretrained(path, revision=revision, subfolder=subfolder, **hub_kwargs)
+
+
+def prompt_state_dict(model) -> dict[str, torch.Tensor]:
+    """The prompt tensors of a model: everything except the base CLIP's weights."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
+
+
+def save_prompts(model, save_directory: str | os.PathLike, include_base: bool = False, push_to_hub: bool = False,
+                 **kwargs) -> None:
+    """Write config.json and a prompts-only model.safetensors (atomically); optionally a copy of the base CLIP.
+
+    Args:
+        model: a `PolePromptModel`.
+        save_directory: output folder (created).
+        include_base: also save the base CLIP, its tokenizer and image processor under `base/`, making the folder
+            standalone (`config.base_subfolder` then points there).
+        push_to_hub: push the saved folder to `kwargs["repo_id"]` (default: the folder's name) afterwards.
+        **kwargs: `repo_id` and hub options for `push_to_hub`; transformers' saving options are accepted and ignored.
+    """
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory {save_directory!r} is a file: give a folder path")
+    os.makedirs(save_directory, exist_ok=True)
+    config = model.config
+    config.architectures = [type(model).__name__]
+    config.base_subfolder = BASE_SUBFOLDER if include_base else None
+    if include_base:
+        base_dir = os.path.join(save_directory, BASE_SUBFOLDER)
+        model.clip.save_pretrained(base_dir)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(base_dir)
+        _copy_image_processor(config, base_dir)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in prompt_state_dict(model).items()}
+    with atomic_path(os.path.join(save_directory, PROMPTS_FILE)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", "pole_hf": "prompts"})
+    if getattr(model, "_auto_class", None) is not None:
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, save_directory, config=config)
+    config.save_pretrained(save_directory)
+    if push_to_hub:
+        repo_id = kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
+        model.push_to_hub(repo_id, **{k: v for k, v in kwargs.items() if k in ("token", "private", "revision",
+                                                                              "commit_message")})
+
+
+def _copy_image_processor(config: PoleConfig, target: str) -> None:
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(resolve_base_path(config.base_model_name_or_path),
+                                                       revision=config.base_model_revision)
+    except (OSError, ValueError):
+        return
+    processor.save_pretrained(target)
+
+
+def load_prompts(cls, path: str | os.PathLike, *, base_model: CLIPModel | None = None, tokenizer=None,
+                 config: PoleConfig | None = None, revision: str | None = None, subfolder: str = "",
+                 dtype: torch.dtype | str | None = None, **kwargs):
+    """Load a prompt repo or folder and its base CLIP into a `cls` (a `PolePromptModel`).
+
+    Args:
+        path: Hub id or local folder holding config.json and model.safetensors.
+        base_model: an already loaded base `CLIPModel` to use instead of loading `config.base_model_name_or_path`.
+        tokenizer: the base's tokenizer, when `base_model` is given and its folder is not at hand.
+        config: a `PoleConfig` to use instead of the saved one.
+        revision: revision of the prompt repo; the base's own revision is `config.base_model_revision`.
+        subfolder: subfolder of the repo that holds the prompts.
+        dtype: dtype of the base CLIP's weights (prompts stay float32).
+        **kwargs: hub options (`cache_dir`, `token`, `local_files_only`, `force_download`); others are ignored.
+    """
+    path = os.fspath(path)
+    hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    dtype = kwargs.pop("torch_dtype", dtype)
+    if config is None:
+        config = PoleConfig.from_pretrained(path, revision=revision, subfolder=subfolder, **hub)
+    prompts_file = cached_file(path, PROMPTS_FILE, revision=revision, subfolder=subfolder,
+                               _raise_exceptions_for_missing_entries=False, **hub)
+    if prompts_file is None:
+        for name in PICKLE_FILES:
+            if cached_file(path, name, revision=revision, subfolder=subfolder,
+                           _raise_exceptions_for_missing_entries=False, **hub):
+                raise ValueError(f"{path} holds {name}, a pickle file: pole_hf never unpickles weights; "
+                                 f"re-save the prompts as {PROMPTS_FILE} with a trusted tool")
+        raise OSError(f"{path} has no {PROMPTS_FILE}: is it a pole_hf prompt folder or repo?")
+    base_kwargs = dict(hub)
+    if dtype is not None:
+        base_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if base_model is None:
+        base_sub = getattr(config, "base_subfolder", None)
+        if base_sub:
+            inner = os.path.join(subfolder, base_sub) if subfolder else base_sub
+            base_model = load_base_clip(path, revision=revision, subfolder=inner, **base_kwargs)
+            tokenizer = tokenizer or load_base_tokenizer(path, revision=revision, subfolder=inner, **hub)
+        else:
+            base_model = load_base_clip(config.base_model_name_or_path, revision=config.base_model_revision,
+                                        **base_kwargs)
+    if config.clip_config is not None:
+        check_base_matches(config.clip_config, base_model.config, path)
+    if tokenizer is None:
+        try:
+            tokenizer = load_base_tokenizer(config.base_model_name_or_path or base_model.config.name_or_path,
+                                            revision=config.base_model_revision, **hub)
+        except (OSError, ValueError):
+            tokenizer = None
+    model = cls(config, clip_model=base_model, tokenizer=tokenizer)
+    load_prompt_tensors(model, prompts_file)
+    return model.eval()
+
+
+def check_base_matches(saved, base, where: str) -> None:
+    """Raise when prompts learned on `saved` (a CLIPConfig) cannot sit on `base`: text width, vocabulary, projection."""
+    pairs = {
+        "text width": (saved.text_config.hidden_size, base.text_config.hidden_size),
+        "vocabulary size": (saved.text_config.vocab_size, base.text_config.vocab_size),
+        "projection dim": (saved.projection_dim, base.projection_dim),
+    }
+    for name, (want, have) in pairs.items():
+        if want != have:
+            raise ValueError(f"prompts in {where} were learned on a CLIP with {name} {want}, but the base has "
+                             f"{have}: load them onto the base they were learned on")
+
+
+def load_prompt_tensors(model, filename: str) -> None:
+    """Copy the tensors of a prompts safetensors file into `model`, checking names, shapes and dtypes."""
+    expected = prompt_state_dict(model)
+    try:
+        with safe_open(filename, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt headers or truncated data
+        raise ValueError(f"{filename} is not a readable safetensors file ({err}): re-save or re-download it") \
+            from err
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{filename} does not match this model's prompts: missing {missing}, unexpected {extra}")
+    vocab = model.clip.config.text_config.vocab_size
+    learner = model.prompt_learner
+    for name, tensor in tensors.items():
+        short = name.split(".")[-1]
+        if short in ID_TENSORS:
+            if tensor.is_floating_point() or tensor.dtype == torch.bool:
+                raise ValueError(f"{filename}: {name} has dtype {tensor.dtype}, expected integer token ids")
+            if name.endswith("_ids") and tensor.numel() and (tensor.min() < 0 or tensor.max() >= vocab):
+                raise ValueError(f"{filename}: {name} has token ids outside the base vocabulary of size {vocab}")
+            continue
+        if not tensor.is_floating_point():
+            raise ValueError(f"{filename}: {name} has dtype {tensor.dtype}, expected a floating point tensor")
+        want = tuple(expected[name].shape)
+        if name == "prompt_learner.context":
+            want = (tensors["prompt_learner.prefix_ids"].numel() - 1, want[1])
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{filename}: {name} has shape {tuple(tensor.shape)} but this config and base CLIP "
+                             f"expect {want}: the prompts were saved for other classes or another base")
+    if int(tensors["prompt_learner.class_token_lengths"].max()) > learner.class_tokens.shape[1]:
+        raise ValueError(f"{filename}: class_token_lengths exceed class_token_length {learner.class_tokens.shape[1]}")
+    with torch.no_grad():
+        device = learner.class_tokens.device
+        for short in ID_TENSORS:
+            setattr(learner, short, tensors[f"prompt_learner.{short}"].to(device=device, dtype=torch.long))
+        if learner.context is not None:
+            learner.context = torch.nn.Parameter(tensors["prompt_learner.context"].to(device).float())
+        params = dict(model.named_parameters())
+        for name, tensor in tensors.items():
+            if name in params and name != "prompt_learner.context":
+                params[name].copy_(tensor.to(params[name].dtype))
+    model._text_cache.clear()

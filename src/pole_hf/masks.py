@@ -1,0 +1,324 @@
+"""Class activation maps to pseudo masks: background score, argmax, optional dense CRF, ignore, palette and overlays.
+
+The background rule follows CLIP-ES: either a power of the complement of the strongest foreground map,
+`(1 - max_k cam) ** t`, or a fixed threshold value. Labels are 1-based dataset class ids, 0 is background and
+255 marks pixels left unlabelled (ignored by evaluation and training).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+BACKGROUND_ID = 0
+IGNORE_ID = 255
+_BACKGROUND_MODES = ("power", "threshold")
+
+
+def _voc_palette() -> list[int]:
+    """Builds the PASCAL VOC colour map by spreading the bits of each index over R, G and B."""
+    palette = []
+    for index in range(256):
+        red = green = blue = 0
+        code = index
+        for shift in range(7, -1, -1):
+            red |= (code & 1) << shift
+            green |= ((code >> 1) & 1) << shift
+            blue |= ((code >> 2) & 1) << shift
+            code >>= 3
+        palette.extend((red, green, blue))
+    return palette
+
+
+VOC_PALETTE: list[int] = _voc_palette()
+"""The standard 256-entry PASCAL VOC palette as a flat list of 768 ints (index 255 is (224, 224, 192))."""
+
+
+def _check_cams(cams: np.ndarray, class_ids: Sequence[int] | None = None) -> np.ndarray:
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3:
+        raise ValueError(f"cams must have shape [k, H, W], got shape {cams.shape}; add a leading axis for one class.")
+    if np.isnan(cams).any():
+        raise ValueError(f"cams contain {int(np.isnan(cams).sum())} NaN values; fix the CAM computation upstream.")
+    if class_ids is not None:
+        if len(class_ids) != cams.shape[0]:
+            raise ValueError(f"class_ids has {len(class_ids)} entries but cams has {cams.shape[0]} maps; pass one id per map.")
+        for class_id in class_ids:
+            if not 0 < int(class_id) < IGNORE_ID:
+                raise ValueError(f"class id {class_id} is out of range; class ids are 1..254 (0 is background, 255 ignore).")
+    return cams
+
+
+def background_score(
+    cams: np.ndarray,
+    background: str = "power",
+    bg_power: float = 1.0,
+    bg_threshold: float = 0.5,
+) -> np.ndarray:
+    """Computes the per-pixel background score from foreground CAMs.
+
+    Args:
+        cams: Foreground maps, float `[k, H, W]` in [0, 1].
+        background: `"power"` for CLIP-ES' `(1 - max_k cam) ** bg_power`, `"threshold"` for a constant `bg_threshold`.
+        bg_power: Exponent of the power rule.
+        bg_threshold: Constant background score of the threshold rule.
+
+    Returns:
+        Float32 array `[H, W]`.
+    """
+    cams = _check_cams(cams)
+    height, width = cams.shape[1:]
+    if background == "power":
+        if bg_power <= 0:
+            raise ValueError(f"bg_power must be > 0, got {bg_power}; CLIP-ES uses 1 or 2.")
+        peak = cams.max(axis=0) if cams.shape[0] else np.zeros((height, width), np.float32)
+        return np.power(1.0 - np.clip(peak, 0.0, 1.0), bg_power).astype(np.float32)
+    if background == "threshold":
+        return np.full((height, width), bg_threshold, dtype=np.float32)
+    raise ValueError(f"background must be one of {_BACKGROUND_MODES}, got {background!r}.")
+
+
+def class_scores(
+    cams: np.ndarray,
+    background: str = "power",
+    bg_power: float = 1.0,
+    bg_threshold: float = 0.5,
+) -> np.ndarray:
+    """Stacks the background score in front of the foreground CAMs.
+
+    Args:
+        cams: Foreground maps, float `[k, H, W]` in [0, 1].
+        background: See [`background_score`].
+        bg_power: See [`background_score`].
+        bg_threshold: See [`background_score`].
+
+    Returns:
+        Float32 array `[k + 1, H, W]`; channel 0 is background, channel `i` is `cams[i - 1]`.
+    """
+    cams = _check_cams(cams)
+    background_map = background_score(cams, background, bg_power, bg_threshold)
+    return np.concatenate([background_map[None], cams], axis=0)
+
+
+def scores_to_mask(scores: np.ndarray, class_ids: Sequence[int], ignore_below: float | None = None) -> np.ndarray:
+    """Labels each pixel with the argmax of `[background, classes]` scores (ties go to the lower channel).
+
+    Args:
+        scores: Float `[k + 1, H, W]`, background first (output of [`class_scores`] or [`crf_refine`]).
+        class_ids: The k dataset class ids of channels 1..k.
+        ignore_below: If set, pixels whose winning score is below it become 255.
+
+    Returns:
+        Uint8 mask `[H, W]` with values in `{0, *class_ids, 255}`.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.ndim != 3 or scores.shape[0] != len(class_ids) + 1:
+        raise ValueError(
+            f"scores must have shape [len(class_ids) + 1, H, W] = [{len(class_ids) + 1}, H, W], got {scores.shape}."
+        )
+    _check_cams(scores[1:], class_ids)
+    if np.isnan(scores[0]).any():
+        raise ValueError("background scores contain NaN values; check bg_power / bg_threshold or the CRF input.")
+    lookup = np.array([BACKGROUND_ID, *[int(c) for c in class_ids]], dtype=np.uint8)
+    winner = scores.argmax(axis=0)
+    mask = lookup[winner]
+    if ignore_below is not None:
+        best = np.take_along_axis(scores, winner[None], axis=0)[0]
+        mask[best < ignore_below] = IGNORE_ID
+    return mask
+
+
+def cams_to_mask(
+    cams: np.ndarray,
+    class_ids: Sequence[int],
+    background: str = "power",
+    bg_power: float = 1.0,
+    bg_threshold: float = 0.5,
+    ignore_below: float | None = None,
+) -> np.ndarray:
+    """Turns foreground CAMs into a pseudo mask.
+
+    Args:
+        cams: Foreground maps, float `[k, H, W]` in [0, 1]; NaN raises `ValueError`.
+        class_ids: The k 1-based dataset class ids of the maps.
+        background: `"power"` (`(1 - max cam) ** bg_power`, CLIP-ES) or `"threshold"` (constant `bg_threshold`).
+        bg_power: Exponent of the power rule.
+        bg_threshold: Background score of the threshold rule.
+        ignore_below: If set, pixels whose winning score is below it become 255.
+
+    Returns:
+        Uint8 mask `[H, W]`: 0 background, class ids, 255 ignore. With no classes (k = 0) every pixel is background.
+    """
+    cams = _check_cams(cams, class_ids)
+    if cams.shape[0] == 0:
+        background_score(cams, background, bg_power, bg_threshold)  # validates the options
+        return np.zeros(cams.shape[1:], dtype=np.uint8)
+    scores = class_scores(cams, background, bg_power, bg_threshold)
+    return scores_to_mask(scores, class_ids, ignore_below)
+
+
+def crf_refine(
+    image: np.ndarray,
+    probs: np.ndarray,
+    iterations: int = 10,
+    pos_xy: float = 1,
+    pos_w: float = 3,
+    bi_xy: float = 67,
+    bi_rgb: float = 3,
+    bi_w: float = 4,
+) -> np.ndarray:
+    """Refines per-class probabilities with a fully connected CRF (defaults: CLIP-ES' VOC settings).
+
+    Needs the optional `pydensecrf2` package (`pip install pole_hf[crf]` or `pip install pydensecrf2`).
+
+    Args:
+        image: Uint8 RGB image `[H, W, 3]`.
+        probs: Non-negative scores `[C, H, W]` (e.g. [`class_scores`]); used as `-log(p)` unaries.
+        iterations: Mean-field iterations.
+        pos_xy: Spatial standard deviation of the smoothness (Gaussian) kernel.
+        pos_w: Weight of the smoothness kernel.
+        bi_xy: Spatial standard deviation of the appearance (bilateral) kernel.
+        bi_rgb: Colour standard deviation of the appearance kernel.
+        bi_w: Weight of the appearance kernel.
+
+    Returns:
+        Float32 marginals `[C, H, W]`, summing to 1 over C.
+    """
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError as error:
+        raise ImportError("crf_refine needs a dense CRF: run `pip install pydensecrf2` (or `pole_hf[crf]`).") from error
+    image = np.asarray(image)
+    probs = np.asarray(probs, dtype=np.float32)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}; pass np.asarray(pil.convert('RGB')).")
+    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"probs must be [C, H, W] with H, W = {image.shape[:2]}, got {probs.shape}; resize them first.")
+    if np.isnan(probs).any():
+        raise ValueError("probs contain NaN values; fix the scores before the CRF.")
+    num_labels, height, width = probs.shape
+    crf = dcrf.DenseCRF2D(width, height, num_labels)
+    unary = -np.log(np.clip(probs, 1e-8, None)).reshape(num_labels, -1)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=pos_xy, compat=pos_w)
+    crf.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=np.ascontiguousarray(image), compat=bi_w)
+    marginals = crf.inference(iterations)
+    return np.asarray(marginals, dtype=np.float32).reshape(num_labels, height, width)
+
+
+def mask_to_image(mask: np.ndarray) -> Image.Image:
+    """Wraps a label mask into a palette ("P") image with the VOC colours.
+
+    Args:
+        mask: Integer mask `[H, W]` with values in 0..255.
+
+    Returns:
+        A `PIL.Image` in mode "P".
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D [H, W], got shape {mask.shape}.")
+    if mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise ValueError(f"mask values must lie in 0..255, got range [{mask.min()}, {mask.max()}].")
+    height, width = mask.shape
+    image = Image.frombytes("P", (width, height), np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+    image.putpalette(VOC_PALETTE)
+    return image
+
+
+def image_to_mask(image: Image.Image) -> np.ndarray:
+    """Reads a label mask back from a "P"/"L" image, or from an RGB image drawn with the VOC palette.
+
+    Args:
+        image: A `PIL.Image`.
+
+    Returns:
+        Uint8 mask `[H, W]`.
+    """
+    if image.mode in ("P", "L"):
+        return np.array(image, dtype=np.uint8)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
+    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    colours = np.asarray(VOC_PALETTE, dtype=np.int64).reshape(256, 3)
+    palette_codes = (colours[:, 0] << 16) | (colours[:, 1] << 8) | colours[:, 2]
+    order = np.argsort(palette_codes)
+    position = np.clip(np.searchsorted(palette_codes[order], codes), 0, 255)
+    found = palette_codes[order][position] == codes
+    if not found.all():
+        bad = tuple(int(v) for v in rgb[~found][0])
+        raise ValueError(f"colour {bad} is not in the VOC palette; pass the mask as a 'P' or 'L' image.")
+    return order[position].astype(np.uint8)
+
+
+def jet_colormap(values: np.ndarray) -> np.ndarray:
+    """Maps values in [0, 1] to jet-like RGB colours (dark blue -> cyan -> yellow -> dark red).
+
+    Args:
+        values: Float array of any shape; clipped to [0, 1].
+
+    Returns:
+        Uint8 array with a trailing RGB axis.
+    """
+    x = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
+    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # where R, G, B peak
+    rgb = np.clip(1.5 - np.abs(4.0 * (x - centres)), 0.0, 1.0)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resizes a float `[H, W]` map to PIL `size` `(width, height)`."""
+    if values.shape[::-1] == size:
+        return values
+    return np.asarray(Image.fromarray(values.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
+
+
+def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Blends a jet heatmap of one CAM over an image.
+
+    Args:
+        image: The `PIL.Image`.
+        cam: Float map `[H, W]` in [0, 1]; resized to the image if its size differs.
+        alpha: Heatmap weight in [0, 1].
+
+    Returns:
+        RGB `PIL.Image` of the image's size.
+    """
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.ndim != 2:
+        raise ValueError(f"cam must be 2-D [H, W], got shape {cam.shape}; pass one map, e.g. cams[i].")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    heat = jet_colormap(np.nan_to_num(_resize_map(cam, image.size))).astype(np.float32)
+    blended = (1.0 - alpha) * base + alpha * heat
+    return Image.fromarray(np.round(blended).astype(np.uint8))
+
+
+def overlay_mask(
+    image: Image.Image, mask: np.ndarray, alpha: float = 0.5, skip_background: bool = True
+) -> Image.Image:
+    """Colours an image by a label mask with the VOC palette.
+
+    Args:
+        image: The `PIL.Image`.
+        mask: Integer mask `[H, W]` of the image's size.
+        alpha: Colour weight in [0, 1].
+        skip_background: Leave background (0) pixels untouched.
+
+    Returns:
+        RGB `PIL.Image` of the image's size.
+    """
+    mask = np.asarray(mask)
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"mask shape {mask.shape} differs from the image's (H, W) = {(image.height, image.width)}.")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    colours = np.asarray(VOC_PALETTE, dtype=np.float32).reshape(256, 3)[mask.astype(np.uint8)]
+    weight = np.full(mask.shape + (1,), alpha, dtype=np.float32)
+    if skip_background:
+        weight[mask == BACKGROUND_ID] = 0.0
+    blended = (1.0 - weight) * base + weight * colours
+    return Image.fromarray(np.round(blended).astype(np.uint8))

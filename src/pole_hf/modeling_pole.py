@@ -1,0 +1,299 @@
+"""PolePromptModel: a frozen HF CLIP plus learnable class prompts, saved like a PEFT adapter."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_pole import PoleConfig
+from .prompt_learner import PoleAdapter, PolePromptLearner
+
+
+@dataclass
+class PoleModelOutput(ModelOutput):
+    """Output of [`PolePromptModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*): multi-label loss, given `labels`: cross-entropy of the softmax over
+            [classes + background words] against the labels spread evenly over an image's classes.
+        logits (`torch.FloatTensor` of shape `(batch, num_classes)`): scaled image-to-class-prompt similarities.
+        background_logits (`torch.FloatTensor` of shape `(batch, num_background)`): the same for background words.
+        image_embeds (`torch.FloatTensor` of shape `(batch, projection_dim)`): L2-normalised image features.
+        text_embeds (`torch.FloatTensor` of shape `(num_classes + num_background, projection_dim)`): L2-normalised
+            text features of the class prompts, then the background prompts.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    background_logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+
+
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive causal attention mask ``[1, 1, T, T]``: 0 where a token may attend, the dtype's minimum elsewhere."""
+    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return torch.triu(mask, diagonal=1)[None, None]
+
+
+class PolePromptModel(PreTrainedModel):
+    """A frozen CLIP whose class prompts carry learnable class tokens (POLE), with CLIP-ES-style image features.
+
+    Args:
+        config ([`PoleConfig`]): the prompt configuration; `config.clip_config` describes the base CLIP.
+        clip_model (`CLIPModel`, *optional*): an already built or loaded base CLIP; built from `config.clip_config`
+            with random weights when omitted.
+        tokenizer (*optional*): the base's tokenizer; loaded from `config.base_model_name_or_path` when omitted.
+            Without one the prompt ids stay empty until a prompts file is loaded.
+    """
+
+    config_class = PoleConfig
+    base_model_prefix = "pole"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: PoleConfig, clip_model: CLIPModel | None = None, tokenizer=None):
+        if clip_model is None:
+            if config.clip_config is None:
+                raise ValueError("PoleConfig has no clip_config: build with PolePromptModel.from_clip(...) or "
+                                 "PolePromptModel.from_pretrained(...)")
+            clip_model = CLIPModel(config.clip_config)
+        # a copy: transformers adjusts the composite config's attention settings, which must not touch the base's
+        config.clip_config = copy.deepcopy(clip_model.config)
+        super().__init__(config)
+        self.clip = clip_model
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        text_width = clip_model.config.text_config.hidden_size
+        self.prompt_learner = PolePromptLearner(config.num_classes, config.class_token_length, text_width,
+                                                len(config.background_words), config.learn_context)
+        if config.use_adapters:
+            dim = clip_model.config.projection_dim
+            self.visual_adapter = PoleAdapter(dim, config.adapter_reduction, config.adapter_ratio)
+            self.text_adapter = PoleAdapter(dim, config.adapter_reduction, config.adapter_ratio)
+        else:
+            self.visual_adapter = self.text_adapter = None
+        self.post_init()
+        self.tokenizer = tokenizer if tokenizer is not None else _try_load_tokenizer(config)
+        self._text_cache: dict = {}
+        if self.tokenizer is not None:
+            self.prompt_learner.initialize(self.tokenizer, self.token_embedding, config.template,
+                                           config.class_words, config.background_words, self.max_text_length)
+
+    def init_weights(self):
+        """No-op: prompts start from the base's token embeddings and the base CLIP is already built or loaded."""
+
+    def train(self, mode: bool = True):
+        """Set train mode on the prompt learner and adapters only; the frozen CLIP always stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_clip(cls, clip_model_or_path: CLIPModel | str, class_names: list[str], tokenizer=None,
+                  revision: str | None = None, **config_options) -> PolePromptModel:
+        """A fresh prompt model on a base CLIP.
+
+        Args:
+            clip_model_or_path: a loaded `CLIPModel`, or a Hub id / local folder to load one from.
+            class_names: ordered foreground class names.
+            tokenizer: the base's tokenizer (loaded from the path or `clip_model.name_or_path` when omitted).
+            revision: Hub revision of the base, when given as a path.
+            **config_options: any other [`PoleConfig`] field (`class_words`, `background_words`, `template`, ...).
+        """
+        from .loading import load_base_clip, load_base_tokenizer
+
+        if isinstance(clip_model_or_path, str):
+            path = clip_model_or_path
+            clip_model = load_base_clip(path, revision=revision)
+        else:
+            clip_model = clip_model_or_path
+            path = clip_model.config.name_or_path or config_options.pop("base_model_name_or_path", None) or None
+        if tokenizer is None:
+            if not path:
+                raise ValueError("the CLIP model has no name_or_path to load its tokenizer from: pass tokenizer=...")
+            tokenizer = load_base_tokenizer(path, revision=revision)
+        config = PoleConfig(base_model_name_or_path=path, base_model_revision=revision,
+                            clip_config=copy.deepcopy(clip_model.config), class_names=list(class_names), **config_options)
+        return cls(config, clip_model=clip_model, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> PolePromptModel:
+        """Load prompts (config.json + model.safetensors) and their base CLIP. See `pole_hf.loading.load_prompts`."""
+        from .loading import load_prompts
+
+        return load_prompts(cls, pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, include_base: bool = False, push_to_hub: bool = False, **kwargs):
+        """Save config.json and a prompts-only model.safetensors (the base CLIP only with `include_base=True`)."""
+        from .loading import save_prompts
+
+        return save_prompts(self, save_directory, include_base=include_base, push_to_hub=push_to_hub, **kwargs)
+
+    # ------------------------------------------------------------------ prompts
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.clip.text_model.embeddings.token_embedding
+
+    @property
+    def max_text_length(self) -> int:
+        return self.clip.config.text_config.max_position_embeddings
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.class_names)
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that training updates: class tokens, optional context, optional adapters."""
+        return [p for n, p in self.named_parameters() if not n.startswith("clip.")]
+
+    def set_class_words(self, words: dict[str, str]) -> None:
+        """Replace classes' prompt words (e.g. POLE's selected synonyms) and re-initialise their vectors.
+
+        Args:
+            words: `{class_name: word}`; unknown class names raise a `ValueError` listing the known classes.
+        """
+        unknown = sorted(set(words) - set(self.config.class_names))
+        if unknown:
+            raise ValueError(f"unknown classes {unknown}; known classes: {self.config.class_names}")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: load it with from_pretrained or pass tokenizer=")
+        for name, word in words.items():
+            index = self.config.class_names.index(name)
+            self.prompt_learner.set_class_word(index, self.tokenizer, self.token_embedding, word,
+                                               self.max_text_length)
+            self.config.class_words[index] = word
+        self._text_cache.clear()
+
+    # ------------------------------------------------------------------ text side
+    def encode_prompt_embeddings(self, embeds: torch.Tensor, eos_positions: torch.Tensor) -> torch.Tensor:
+        """Run CLIP's text transformer on embedded prompts ``[N, T, D]`` and project the EOS token's state."""
+        text = self.clip.text_model
+        length = embeds.shape[1]
+        hidden = embeds + text.embeddings.position_embedding.weight[:length]
+        mask = causal_mask(length, hidden.dtype, hidden.device)
+        for layer in text.encoder.layers:
+            hidden = layer(hidden, mask)
+        hidden = text.final_layer_norm(hidden)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_positions]
+        return self.clip.text_projection(pooled)
+
+    def _background_features(self) -> torch.Tensor:
+        pl = self.prompt_learner
+        key = ("background", pl.background_ids.device, self.clip.dtype)
+        if key not in self._text_cache:
+            with torch.no_grad():
+                embeds = self.token_embedding(pl.background_ids)
+                self._text_cache[key] = self.encode_prompt_embeddings(embeds, pl.background_lengths - 1)
+        return self._text_cache[key]
+
+    def get_text_features(self) -> torch.Tensor:
+        """L2-normalised text features of [class prompts + background prompts], ``[C + B, projection_dim]``.
+
+        Cached while nothing changed: the cache key holds every learnable tensor's version counter, so an
+        optimizer step, `set_class_words` or loading prompts recomputes them. With autograd on and learnable
+        parameters requiring grad, they are computed fresh so gradients flow into the class tokens.
+        """
+        learnable = self.learnable_parameters()
+        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in learnable)
+        key = ("all", self.clip.dtype, self.prompt_learner.class_tokens.device,
+               tuple(p._version for p in learnable))
+        if not needs_graph and key in self._text_cache:
+            return self._text_cache[key]
+        embeds, eos = self.prompt_learner.class_prompt_embeddings(self.token_embedding)
+        features = torch.cat([self.encode_prompt_embeddings(embeds, eos), self._background_features()], dim=0)
+        if self.text_adapter is not None:
+            features = self.text_adapter(features)
+        features = F.normalize(features, dim=-1)
+        if not needs_graph:
+            self._text_cache = {k: v for k, v in self._text_cache.items() if k[0] == "background"}
+            self._text_cache[key] = features
+        return features
+
+    # ------------------------------------------------------------------ image side
+    def image_features_from_tokens(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """Projected image features from the vision encoder's last block output ``[N, 1 + HW, width]``.
+
+        `patch_mean`: CLIP-ES's order (post-layernorm on every token, mean over patch tokens, projection);
+        `pooled`: post-layernorm of the class token, projection. Adapters apply after; not normalised.
+        """
+        post = self.clip.vision_model.post_layernorm
+        if self.config.image_feature == "patch_mean":
+            pooled = post(last_hidden_state[:, 1:]).mean(dim=1)
+        else:
+            pooled = post(last_hidden_state[:, 0])
+        features = self.clip.visual_projection(pooled)
+        if self.visual_adapter is not None:
+            features = self.visual_adapter(features)
+        return features
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features ``[N, projection_dim]`` at any input size (position embeddings interpolated)."""
+        vision = self.clip.vision_model(pixel_values=pixel_values.to(self.clip.dtype), interpolate_pos_encoding=True)
+        return F.normalize(self.image_features_from_tokens(vision.last_hidden_state), dim=-1)
+
+    def logit_scale(self) -> torch.Tensor:
+        """The multiplier of cosine similarities: `config.logit_scale`, or the base CLIP's `exp(logit_scale)`."""
+        if self.config.logit_scale is not None:
+            return torch.tensor(float(self.config.logit_scale), device=self.clip.logit_scale.device)
+        return self.clip.logit_scale.exp()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+                return_dict: bool | None = None) -> PoleModelOutput | tuple:
+        """Score images against the class and background prompts.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)`): processed images, any size that is a
+                multiple of the patch size.
+            labels (`torch.Tensor` of shape `(batch, num_classes)`, *optional*): multi-hot image-level labels.
+            return_dict (`bool`, *optional*): return a [`PoleModelOutput`] (default) or a tuple.
+        """
+        image_embeds = self.get_image_features(pixel_values)
+        text_embeds = self.get_text_features()
+        logits_all = self.logit_scale() * image_embeds @ text_embeds.t().to(image_embeds.dtype)
+        num_classes = self.config.num_classes
+        loss = None
+        if labels is not None:
+            loss = multilabel_softmax_loss(logits_all, labels.to(logits_all.dtype))
+        output = PoleModelOutput(loss=loss, logits=logits_all[:, :num_classes],
+                                 background_logits=logits_all[:, num_classes:], image_embeds=image_embeds,
+                                 text_embeds=text_embeds)
+        return output if return_dict is not False else output.to_tuple()
+
+
+def multilabel_softmax_loss(logits_all: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the softmax over [classes + background] against targets spread evenly over the labels.
+
+    Images without any label target the background prompts evenly (or are skipped when there are none).
+    """
+    num_classes = labels.shape[1]
+    targets = torch.zeros_like(logits_all)
+    targets[:, :num_classes] = labels
+    empty = labels.sum(1) == 0
+    if logits_all.shape[1] > num_classes:
+        targets[empty, num_classes:] = 1.0
+    keep = targets.sum(1) > 0
+    if not keep.any():
+        return logits_all.sum() * 0.0
+    targets = targets[keep] / targets[keep].sum(1, keepdim=True)
+    return -(targets * logits_all[keep].log_softmax(-1)).sum(1).mean()
+
+
+def _try_load_tokenizer(config: PoleConfig):
+    """The base's tokenizer when it can be loaded (local folder, cache, bundled CLIP), else `None`."""
+    from .loading import load_base_tokenizer
+
+    try:
+        return load_base_tokenizer(config.base_model_name_or_path, revision=config.base_model_revision)
+    except (OSError, ValueError):
+        return None
+
+
+__all__ = ["PolePromptModel", "PoleModelOutput"]
