@@ -19,8 +19,9 @@ _METRIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics"
 class ConfusionMatrix:
     """Streaming confusion matrix over `num_classes` labels (background included), rows = target, columns = prediction.
 
-    Target pixels equal to `ignore_index` never count. Predicted pixels equal to `ignore_index` (unlabelled pixels of a
-    pseudo mask) are skipped by default; with `count_ignored_predictions=True` they count as misses of their target class.
+    Target pixels equal to `ignore_index` never count. Predicted pixels equal to `ignore_index` (unlabelled pixels
+    of a pseudo mask) are skipped by default; with `count_ignored_predictions=True` they count as misses of their
+    target class.
 
     Args:
         num_classes: Number of labels, background included (21 for PASCAL VOC).
@@ -32,7 +33,9 @@ class ConfusionMatrix:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}; count the background too.")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index {ignore_index} is a class label (num_classes={num_classes}); use e.g. 255.")
+            raise ValueError(
+                f"ignore_index {ignore_index} is a class label (num_classes={num_classes}); use e.g. 255."
+            )
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.count_ignored_predictions = bool(count_ignored_predictions)
@@ -61,7 +64,9 @@ class ConfusionMatrix:
         pred = np.asarray(pred).astype(np.int64, copy=False)
         target = np.asarray(target).astype(np.int64, copy=False)
         if pred.shape != target.shape:
-            raise ValueError(f"pred shape {pred.shape} differs from target shape {target.shape}; resize one to the other.")
+            raise ValueError(
+                f"pred shape {pred.shape} differs from target shape {target.shape}; resize one to the other."
+            )
         self._check_labels(pred, "pred")
         self._check_labels(target, "target")
         keep = target != self.ignore_index
@@ -151,7 +156,9 @@ class ConfusionMatrix:
         if class_names is None:
             class_names = [str(i) for i in range(self.num_classes)]
         if len(class_names) != self.num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names for {self.num_classes} classes; pass one per class.")
+            raise ValueError(
+                f"class_names has {len(class_names)} names for {self.num_classes} classes; pass one per class."
+            )
 
         def fmt(value: float) -> str:
             return "-" if np.isnan(value) else f"{100 * value:.2f}"
@@ -160,13 +167,17 @@ class ConfusionMatrix:
         pixels = self.matrix.sum(axis=1) + self.unlabelled
         lines = ["| class | IoU | precision | recall | pixels |", "|---|---:|---:|---:|---:|"]
         for index, name in enumerate(class_names):
-            lines.append(f"| {name} | {fmt(iou[index])} | {fmt(precision[index])} | {fmt(recall[index])} | {pixels[index]} |")
+            lines.append(
+                f"| {name} | {fmt(iou[index])} | {fmt(precision[index])} | {fmt(recall[index])} | {pixels[index]} |"
+            )
         means = [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in (iou, precision, recall)]
         lines.append(f"| **mean** | {fmt(means[0])} | {fmt(means[1])} | {fmt(means[2])} | {pixels.sum()} |")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"ConfusionMatrix(num_classes={self.num_classes}, pixels={int(self.matrix.sum())}, miou={self.miou():.4f})"
+        return (
+            f"ConfusionMatrix(num_classes={self.num_classes}, pixels={int(self.matrix.sum())}, miou={self.miou():.4f})"
+        )
 
 
 def evaluate_masks(
@@ -218,7 +229,9 @@ class ThresholdSweep:
         ignore_index: Target label to leave out.
     """
 
-    def __init__(self, num_classes: int, thresholds: Sequence[float], mode: str = "threshold", ignore_index: int = IGNORE_ID):
+    def __init__(
+        self, num_classes: int, thresholds: Sequence[float], mode: str = "threshold", ignore_index: int = IGNORE_ID
+    ):
         if mode not in ("threshold", "power"):
             raise ValueError(f"mode must be 'threshold' or 'power', got {mode!r}.")
         self.thresholds = [float(t) for t in thresholds]
@@ -249,7 +262,9 @@ class ThresholdSweep:
     def merge(self, other: "ThresholdSweep") -> "ThresholdSweep":
         """Adds the counts of another sweep over the same thresholds and mode (e.g. from another process)."""
         if (other.thresholds, other.mode) != (self.thresholds, self.mode):
-            raise ValueError("cannot merge sweeps over different thresholds or modes; build both with the same settings.")
+            raise ValueError(
+                "cannot merge sweeps over different thresholds or modes; build both with the same settings."
+            )
         for mine, theirs in zip(self.matrices, other.matrices):
             mine.merge(theirs)
         return self
@@ -277,7 +292,8 @@ def load_mean_iou_metric(**kwargs):
         **kwargs: Passed on to `evaluate.load`.
 
     Returns:
-        An `evaluate.Metric` whose `compute(predictions, references, num_labels, ignore_index)` uses [`ConfusionMatrix`].
+        An `evaluate.Metric`; its `compute(predictions, references, num_labels, ignore_index)` uses
+        [`ConfusionMatrix`].
     """
     import evaluate
 

@@ -44,10 +44,14 @@ def _check_cams(cams: np.ndarray, class_ids: Sequence[int] | None = None) -> np.
         raise ValueError(f"cams contain {int(np.isnan(cams).sum())} NaN values; fix the CAM computation upstream.")
     if class_ids is not None:
         if len(class_ids) != cams.shape[0]:
-            raise ValueError(f"class_ids has {len(class_ids)} entries but cams has {cams.shape[0]} maps; pass one id per map.")
+            raise ValueError(
+                f"class_ids has {len(class_ids)} entries but cams has {cams.shape[0]} maps; pass one id per map."
+            )
         for class_id in class_ids:
             if not 0 < int(class_id) < IGNORE_ID:
-                raise ValueError(f"class id {class_id} is out of range; class ids are 1..254 (0 is background, 255 ignore).")
+                raise ValueError(
+                    f"class id {class_id} is out of range; class ids are 1..254 (0 is background, 255 ignore)."
+                )
     return cams
 
 
@@ -189,13 +193,19 @@ def crf_refine(
     try:
         import pydensecrf.densecrf as dcrf
     except ImportError as error:
-        raise ImportError("crf_refine needs a dense CRF: run `pip install pydensecrf2` (or `pole_hf[crf]`).") from error
+        raise ImportError(
+            "crf_refine needs a dense CRF: run `pip install pydensecrf2` (or `pole_hf[crf]`)."
+        ) from error
     image = np.asarray(image)
     probs = np.asarray(probs, dtype=np.float32)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}; pass np.asarray(pil.convert('RGB')).")
+        raise ValueError(
+            f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}; pass np.asarray(pil.convert('RGB'))."
+        )
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"probs must be [C, H, W] with H, W = {image.shape[:2]}, got {probs.shape}; resize them first.")
+        raise ValueError(
+            f"probs must be [C, H, W] with H, W = {image.shape[:2]}, got {probs.shape}; resize them first."
+        )
     if np.isnan(probs).any():
         raise ValueError("probs contain NaN values; fix the scores before the CRF.")
     num_labels, height, width = probs.shape

@@ -30,7 +30,8 @@ Returns:
     `mean_iou`, `mean_accuracy`, `overall_accuracy` (floats), `per_category_iou`, `per_category_accuracy` (arrays).
 Examples:
     >>> metric = evaluate.load("src/pole_hf/metrics/mean_iou")
-    >>> metric.compute(predictions=[np.array([[0, 1]])], references=[np.array([[0, 1]])], num_labels=2, ignore_index=255)["mean_iou"]
+    >>> pred, ref = [np.array([[0, 1]])], [np.array([[0, 1]])]
+    >>> metric.compute(predictions=pred, references=ref, num_labels=2, ignore_index=255)["mean_iou"]
     1.0
 """
 
@@ -88,7 +89,9 @@ class MeanIoU(evaluate.Metric):
         per_category_accuracy = matrix.class_accuracy()
         results = {
             "mean_iou": matrix.miou(),
-            "mean_accuracy": float(np.nanmean(per_category_accuracy)) if np.isfinite(per_category_accuracy).any() else float("nan"),
+            "mean_accuracy": float(np.nanmean(per_category_accuracy))
+            if np.isfinite(per_category_accuracy).any()
+            else float("nan"),
             "overall_accuracy": matrix.pixel_accuracy(),
             "per_category_iou": per_category_iou,
             "per_category_accuracy": per_category_accuracy,
