@@ -9,3 +9,54 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+TINY_BACKGROUND = ["grass", "sky", "water"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A random tiny CLIP (2 layers, width 32, patch 8) with a real CLIP tokenizer, saved as an HF folder."""
+    from pole_hf.tiny import build_tiny_clip
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    build_tiny_clip(str(path), seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_clip_dir):
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(tiny_clip_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_clip_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_clip_dir)
+
+
+@pytest.fixture()
+def tiny_model(tiny_clip_dir):
+    """A fresh PolePromptModel on the tiny CLIP: three classes, three background words."""
+    from pole_hf import PolePromptModel
+
+    return PolePromptModel.from_clip(tiny_clip_dir, class_names=["cat", "dog", "sofa"],
+                                     background_words=TINY_BACKGROUND)
+
+
+@pytest.fixture(scope="session")
+def vit_b16_clip(tiny_tokenizer):
+    """A random-init CLIP of OpenAI ViT-B/16's shape (built, never downloaded), for size and shape checks."""
+    from transformers import CLIPModel
+
+    from pole_hf.tiny import vit_b16_config
+
+    torch.manual_seed(0)
+    config = vit_b16_config(vocab_size=len(tiny_tokenizer))
+    config.text_config.bos_token_id = tiny_tokenizer.bos_token_id
+    config.text_config.eos_token_id = config.text_config.pad_token_id = tiny_tokenizer.eos_token_id
+    return CLIPModel(config).eval()

@@ -27,7 +27,7 @@ def resolve_base_path(path: str | None) -> str:
     """The base CLIP's location: `path`, or the bundled tiny CLIP when `path` is `None`."""
     if path:
         return str(path)
-    from .assets import TINY_CLIP, has_tiny_clip
+    from .bundled import TINY_CLIP, has_tiny_clip
 
     if not has_tiny_clip():
         raise ValueError("no base CLIP given and the bundled tiny CLIP is not installed: pass a base such as "

@@ -188,6 +188,8 @@ class PolePromptModel(PreTrainedModel):
     def _background_features(self) -> torch.Tensor:
         pl = self.prompt_learner
         key = ("background", pl.background_ids.device, self.clip.dtype)
+        if key not in self._text_cache and pl.background_ids.shape[0] == 0:
+            self._text_cache[key] = self.clip.text_projection.weight.new_zeros(0, self.clip.config.projection_dim)
         if key not in self._text_cache:
             with torch.no_grad():
                 embeds = self.token_embedding(pl.background_ids)

@@ -1,10 +1,10 @@
-"""Models shipped inside the package: the tiny CLIP trained on the synthetic world, and prompts learned on it."""
+"""Paths of the models shipped inside the package (folder `assets/`): the tiny CLIP trained on the synthetic world, and prompts learned on it."""
 
 from __future__ import annotations
 
 import os
 
-ASSETS_DIR = os.path.dirname(os.path.abspath(__file__))
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TINY_CLIP = os.path.join(ASSETS_DIR, "tiny-clip")
 """Folder of the bundled tiny CLIP (an ordinary HF folder: `CLIPModel.from_pretrained(TINY_CLIP)`)."""
 TINY_PROMPTS = os.path.join(ASSETS_DIR, "tiny-prompts")
