@@ -51,7 +51,8 @@ def mask_of(*regions: tuple[int, slice, slice], size=(12, 16)) -> np.ndarray:
 
 
 MASKS = {
-    A: mask_of((DOG + 1, slice(2, 6), slice(3, 9)), (PERSON + 1, slice(7, 11), slice(0, 5)), (255, slice(6, 7), slice(0, 16))),
+    A: mask_of((DOG + 1, slice(2, 6), slice(3, 9)), (PERSON + 1, slice(7, 11), slice(0, 5)),
+               (255, slice(6, 7), slice(0, 16))),
     B: mask_of((CAT + 1, slice(0, 12), slice(8, 16))),
     C: mask_of((PERSON + 1, slice(1, 4), slice(1, 4))),
 }
@@ -182,8 +183,10 @@ def coco(tmp_path):
                    {"id": 9, "file_name": "c.jpg", "height": 8, "width": 10}],
         "categories": [{"id": 9, "name": "kite"}, {"id": 1, "name": "cat"}, {"id": 5, "name": "dog"}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 5, "iscrowd": 0, "area": 30.0, "segmentation": [[0, 0, 5, 0, 5, 4, 0, 4]]},
-            {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 6.0, "segmentation": [[2, 2, 3, 2, 3, 4, 2, 4]]},
+            {"id": 1, "image_id": 1, "category_id": 5, "iscrowd": 0, "area": 30.0,
+             "segmentation": [[0, 0, 5, 0, 5, 4, 0, 4]]},
+            {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 6.0,
+             "segmentation": [[2, 2, 3, 2, 3, 4, 2, 4]]},
             {"id": 3, "image_id": 7, "category_id": 9, "iscrowd": 1, "area": 20.0,
              "segmentation": {"counts": rle_counts(kite), "size": [8, 10]}},
             {"id": 4, "image_id": 7, "category_id": 1, "iscrowd": 1, "area": 6.0,
@@ -192,11 +195,11 @@ def coco(tmp_path):
     }
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(data))
-    return path, tmp_path / "images", data
+    return path, tmp_path / "images"
 
 
 def test_coco_labels_and_masks(coco):
-    path, images, _ = coco
+    path, images = coco
     ds = load_coco(path, images, with_masks=True)
     assert ds.features["labels"].feature.names == ["cat", "dog", "kite"]  # categories in id order
     assert ds["labels"] == [[0, 1], [0, 2], []]
@@ -214,7 +217,7 @@ def test_coco_labels_and_masks(coco):
 
 
 def test_coco_class_names_and_errors(coco, tmp_path):
-    path, images, data = coco
+    path, images = coco
     assert load_coco(path, images, class_names=["kite", "dog", "cat", "bus"])["labels"] == [[1, 2], [0, 2], []]
     with pytest.raises(ValueError, match="'kite'.*not in class_names"):
         load_coco(path, images, class_names=["cat", "dog"])

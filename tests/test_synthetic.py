@@ -15,6 +15,7 @@ from pole_hf.data import SyntheticWorld, load_synthetic
 from pole_hf.data.synthetic import BACKGROUND_PHRASES, CAPTION_TEMPLATES, TEXTURES, WORLD_CLASSES, WorldClass, generate
 
 WORLD = SyntheticWorld()
+WORD_CLASS = {word: i for i, name in enumerate(WORLD.class_names) for word, _ in WORLD.words[name]}
 
 
 def raw_bytes(ds: datasets.Dataset, column: str) -> list[bytes]:
@@ -89,7 +90,7 @@ def check_sample(sample: dict, world: SyntheticWorld, shape: tuple[int, int]) ->
     np.testing.assert_array_equal(mask, class_of[instances])
     visible = np.bincount(instances.ravel(), minlength=len(class_of))
     assert (visible[1:] > 0).all(), "an object in the list is fully hidden"
-    assert len(set(obj["label"] for obj in sample["objects"])) == len(sample["objects"])
+    assert len({obj["label"] for obj in sample["objects"]}) == len(sample["objects"])
     assert set(np.unique(mask).tolist()) - {0} == {label + 1 for label in sample["labels"]}
     assert sample["labels"] == sorted(obj["label"] for obj in sample["objects"])
     assert sample["background"] in world.background_kinds
@@ -116,7 +117,8 @@ def test_mask_and_labels_exact(seed, height, width):
 
 
 def test_heavy_occlusion_drops_hidden_objects():
-    world = SyntheticWorld(object_count_weights=(0, 0, 1), radius_range=(0.45, 0.5), min_visible_fraction=0.5, max_tries=3)
+    world = SyntheticWorld(object_count_weights=(0, 0, 1), radius_range=(0.45, 0.5), min_visible_fraction=0.5,
+                           max_tries=3)
     counts = Counter()
     for seed in range(30):
         sample = world.sample(seed, image_size=40)
@@ -145,7 +147,7 @@ def caption_words(caption: str) -> list[str]:
         if prefix and caption.startswith(prefix):
             caption = caption[len(prefix):]
             break
-    return [w for w in re.split(r", | and ", caption)]
+    return re.split(r", | and ", caption)
 
 
 def test_captions_use_vocabulary_words_and_are_skewed():
@@ -159,8 +161,7 @@ def test_captions_use_vocabulary_words_and_are_skewed():
         caption = WORLD.caption(labels, rng, background=background)
         backgrounds += caption.endswith(BACKGROUND_PHRASES[background])
         words = caption_words(caption)
-        assert sorted(WORLD.class_names.index(next(c for c, ws in WORLD.words.items() if w in dict(ws))) for w in words) \
-            == sorted(labels), caption
+        assert sorted(WORD_CLASS[w] for w in words) == sorted(labels), caption
         counts.update(words)
         mentions.update(WORLD.class_names[label] for label in labels)
     assert 0.2 < backgrounds / 2000 < 0.4

@@ -49,7 +49,7 @@ def _decode_rle(segmentation: dict[str, Any]) -> np.ndarray:
     values = np.arange(len(runs)) % 2
     flat = np.repeat(values.astype(bool), runs)
     if flat.size != height * width:
-        raise ValueError(f"RLE runs cover {flat.size} pixels but its size is {height}x{width}: the annotation is corrupt.")
+        raise ValueError(f"RLE runs cover {flat.size} pixels but its size is {height}x{width}: fix the annotation.")
     return flat.reshape(width, height).T
 
 
@@ -58,8 +58,8 @@ def _annotation_region(annotation: dict, height: int, width: int, where: str) ->
     segmentation = annotation.get("segmentation")
     if isinstance(segmentation, dict):
         if list(segmentation["size"]) != [height, width]:
-            raise ValueError(f"Annotation {annotation.get('id')} in {where} has RLE size {segmentation['size']} but its "
-                             f"image is {height}x{width}: fix the annotation or the image entry.")
+            raise ValueError(f"Annotation {annotation.get('id')} in {where} has RLE size {segmentation['size']} "
+                             f"but its image is {height}x{width}: fix the annotation or the image entry.")
         return _decode_rle(segmentation)
     canvas = Image.new("1", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
@@ -69,7 +69,9 @@ def _annotation_region(annotation: dict, height: int, width: int, where: str) ->
     return np.array(canvas)
 
 
-def _rasterise(annotations: list[dict], category_to_class: dict[int, int], height: int, width: int, where: str) -> np.ndarray:
+def _rasterise(
+    annotations: list[dict], category_to_class: dict[int, int], height: int, width: int, where: str
+) -> np.ndarray:
     """Class mask of an image's annotations, larger ones drawn first."""
     mask = np.zeros((height, width), dtype=np.uint8)
     for annotation in sorted(annotations, key=lambda a: -float(a.get("area", 0.0))):
@@ -116,7 +118,7 @@ def load_coco(
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     names = [c["name"] for c in categories] if class_names is None else list(class_names)
     if with_masks and len(names) > 254:
-        raise ValueError(f"{len(names)} classes do not fit an 8-bit mask: use at most 254 classes with with_masks=True.")
+        raise ValueError(f"{len(names)} classes do not fit an 8-bit mask: use at most 254 classes with masks.")
     class_index = {name: i for i, name in enumerate(names)}
     category_to_class = {c["id"]: class_index[c["name"]] for c in categories if c["name"] in class_index}
 
@@ -125,8 +127,8 @@ def load_coco(
         category = annotation["category_id"]
         if category not in category_to_class:
             name = next((c["name"] for c in categories if c["id"] == category), None)
-            raise ValueError(f"Annotation {annotation.get('id')} in {annotation_file} has category {name or category!r}, "
-                             f"which is not in class_names {names}: add it or drop the annotation.")
+            raise ValueError(f"Annotation {annotation.get('id')} in {annotation_file} has category "
+                             f"{name or category!r}, which is not in class_names {names}: add it or drop it.")
         if annotation["image_id"] not in by_image:
             raise ValueError(f"Annotation {annotation.get('id')} in {annotation_file} refers to unknown image id "
                              f"{annotation['image_id']}: add the image to 'images'.")

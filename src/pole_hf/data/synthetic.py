@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import colorsys
 import io
+import numbers
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,13 +30,8 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class WorldClass:
-    """One object class of the synthetic world.
-
-    Args:
-        name: The official class name (the ``ClassLabel`` name).
-        texture: The texture painted inside the object, one of ``TEXTURES``.
-        words: Caption vocabulary as ``(word, probability)`` pairs; probabilities sum to 1.
-    """
+    """One object class: official ``name`` (the ``ClassLabel`` name), ``texture`` (one of ``TEXTURES``) and caption
+    ``words`` as ``(word, probability)`` pairs summing to 1."""
 
     name: str
     texture: str
@@ -43,13 +39,13 @@ class WorldClass:
 
 
 TEXTURES: tuple[str, ...] = (
-    "horizontal_stripes", "vertical_stripes", "checkerboard", "rings",
-    "dots", "diagonal_stripes", "grid", "zigzag",
+    "horizontal_stripes", "vertical_stripes", "diagonal_stripes", "checkerboard", "dots", "rings", "grid", "zigzag"
 )
 
 WORLD_CLASSES: tuple[WorldClass, ...] = (
     # Official name is a rare word (5%): POLE should pick the frequent word.
-    WorldClass("zebra", "horizontal_stripes", (("stripes", 0.70), ("bands", 0.17), ("streaks", 0.08), ("zebra", 0.05))),
+    WorldClass("zebra", "horizontal_stripes",
+               (("stripes", 0.70), ("bands", 0.17), ("streaks", 0.08), ("zebra", 0.05))),
     WorldClass("fence", "vertical_stripes", (("bars", 0.70), ("columns", 0.25), ("fence", 0.05))),
     WorldClass("chessboard", "checkerboard", (("checkers", 0.70), ("tiles", 0.25), ("chessboard", 0.05))),
     WorldClass("target", "rings", (("rings", 0.70), ("bullseye", 0.25), ("target", 0.05))),
@@ -61,12 +57,7 @@ WORLD_CLASSES: tuple[WorldClass, ...] = (
 )
 """The default class table: official name, texture and caption vocabulary of each of the 8 classes."""
 
-BACKGROUND_PHRASES: dict[str, str] = {
-    "grass": "on grass",
-    "sky": "in the sky",
-    "water": "on water",
-    "sand": "on sand",
-}
+BACKGROUND_PHRASES: dict[str, str] = {"grass": "on grass", "sky": "in the sky", "water": "on water", "sand": "on sand"}
 """Background kinds and the phrase a caption appends when it mentions the background."""
 
 CAPTION_TEMPLATES: tuple[str, ...] = ("a photo of {}", "a picture of {}", "{}", "an image of {}")
@@ -84,8 +75,7 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
 @lru_cache(maxsize=8)
 def _pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-    ys.flags.writeable = False
-    xs.flags.writeable = False
+    ys.setflags(write=False), xs.setflags(write=False)  # shared between calls
     return ys, xs
 
 
@@ -121,13 +111,16 @@ def _background(kind: str, rng: np.random.Generator, height: int, width: int) ->
         hue = rng.uniform(0.45, 0.60)
         dark, light = _hsv(hue, rng.uniform(0.6, 0.9), 0.4), _hsv(hue, rng.uniform(0.3, 0.6), 0.7)
         wavelength = rng.uniform(0.15, 0.25) * side
-        wobble = rng.uniform(0.2, 0.5) * np.sin(2 * np.pi * xs / (rng.uniform(0.4, 0.8) * side) + rng.uniform(0, 6.3))
-        blend = 0.5 + 0.35 * np.sin(2 * np.pi * (ys / wavelength + wobble)) + 0.15 * (_smooth_noise(rng, height, width, 3) - 0.5)
+        swell = rng.uniform(0.4, 0.8) * side
+        wobble = rng.uniform(0.2, 0.5) * np.sin(2 * np.pi * xs / swell + rng.uniform(0, 2 * np.pi))
+        blend = 0.5 + 0.35 * np.sin(2 * np.pi * (ys / wavelength + wobble))
+        blend = blend + 0.15 * (_smooth_noise(rng, height, width, 3) - 0.5)
     elif kind == "sand":  # beige with salt-and-pepper speckle
         hue = rng.uniform(0.07, 0.14)
         dark, light = _hsv(hue, rng.uniform(0.3, 0.5), 0.55), _hsv(hue, rng.uniform(0.2, 0.4), 0.9)
         speckle = rng.random((height, width), dtype=np.float32)
-        blend = 0.7 + 0.2 * _smooth_noise(rng, height, width, 3) - 0.6 * (speckle < 0.08) + 0.3 * (speckle > 0.95)
+        blend = 0.7 + 0.2 * _smooth_noise(rng, height, width, 3) - 0.6 * (speckle < 0.08)
+        blend = blend + 0.3 * (speckle > 0.95)
     else:
         raise ValueError(f"Unknown background kind {kind!r}: use one of {sorted(BACKGROUND_PHRASES)}.")
     blend = np.clip(blend, 0.0, 1.0)[..., None]
@@ -188,16 +181,32 @@ def _texture(texture: str, rng: np.random.Generator, dy: np.ndarray, dx: np.ndar
 
 
 def _as_rng(rng_or_seed: np.random.Generator | int | Sequence[int]) -> np.random.Generator:
-    if isinstance(rng_or_seed, np.random.Generator):
-        return rng_or_seed
-    return np.random.default_rng(rng_or_seed)
+    return rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
 
 
 def _size(image_size: ImageSize) -> tuple[int, int]:
-    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    height, width = (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)
     if height < 16 or width < 16:
         raise ValueError(f"image_size={image_size!r} is too small: use at least 16 pixels per side.")
     return int(height), int(width)
+
+
+def _checked(classes: tuple[WorldClass, ...]) -> tuple[WorldClass, ...]:
+    """Validate a class table: known textures, probabilities summing to 1, each word used by one class only."""
+    phrases = CAPTION_TEMPLATES + tuple(BACKGROUND_PHRASES.values()) + ("and",)
+    seen = {word: "the caption templates" for phrase in phrases for word in phrase.split()}
+    for spec in classes:
+        total = sum(p for _, p in spec.words)
+        if spec.texture not in TEXTURES:
+            raise ValueError(f"Class {spec.name!r} has unknown texture {spec.texture!r}: use one of {TEXTURES}.")
+        if abs(total - 1.0) > 1e-6 or spec.name not in dict(spec.words):
+            raise ValueError(f"Words of class {spec.name!r} sum to {total:g}: list its official name among its words "
+                             "and make the probabilities sum to 1.")
+        for word, _ in spec.words:
+            if word in seen:
+                raise ValueError(f"Word {word!r} of class {spec.name!r} is already used by {seen[word]}: pick another.")
+            seen[word] = f"class {spec.name!r}"
+    return classes
 
 
 class SyntheticWorld:
@@ -224,23 +233,11 @@ class SyntheticWorld:
         noise_std: float = 4.0,
         max_tries: int = 20,
     ):
-        self.classes = tuple(classes)
-        seen: dict[str, str] = {}
-        reserved = {w for t in CAPTION_TEMPLATES + tuple(BACKGROUND_PHRASES.values()) for w in t.split()} | {"and"}
-        for spec in self.classes:
-            if spec.texture not in TEXTURES:
-                raise ValueError(f"Class {spec.name!r} has unknown texture {spec.texture!r}: use one of {TEXTURES}.")
-            if abs(sum(p for _, p in spec.words) - 1.0) > 1e-6:
-                raise ValueError(f"Word probabilities of class {spec.name!r} sum to {sum(p for _, p in spec.words)}: make them sum to 1.")
-            if spec.name not in {w for w, _ in spec.words}:
-                raise ValueError(f"Class {spec.name!r} is missing from its own words {spec.words}: add it.")
-            for word, _ in spec.words:
-                if word in seen or word in reserved:
-                    raise ValueError(f"Word {word!r} of class {spec.name!r} is already used by {seen.get(word, 'the captions')}: pick another.")
-                seen[word] = spec.name
+        self.classes = _checked(tuple(classes))
         weights = np.asarray(object_count_weights, dtype=np.float64)
         if len(weights) > len(self.classes) or abs(weights.sum() - 1.0) > 1e-6:
-            raise ValueError(f"object_count_weights={tuple(object_count_weights)} must sum to 1 with at most {len(self.classes)} entries.")
+            raise ValueError(f"object_count_weights={tuple(object_count_weights)} must sum to 1 with at most "
+                             f"{len(self.classes)} entries (one per object count).")
         self.object_count_weights = weights
         self.radius_range = radius_range
         self.min_visible_fraction = min_visible_fraction
@@ -271,27 +268,20 @@ class SyntheticWorld:
         return [spec.name for spec in self.classes if self.frequent_word(spec.name) != spec.name]
 
     def _index(self, cls: int | str) -> int:
-        if isinstance(cls, str):
-            if cls not in self.class_names:
-                raise ValueError(f"Unknown class {cls!r}: the world's classes are {self.class_names}.")
-            return self.class_names.index(cls)
-        if not 0 <= int(cls) < len(self.classes):
-            raise ValueError(f"Class index {cls} is out of range: use 0..{len(self.classes) - 1}.")
-        return int(cls)
+        index = self.class_names.index(cls) if cls in self.class_names else cls
+        if isinstance(index, str) or not 0 <= int(index) < len(self.classes):
+            raise ValueError(f"Unknown class {cls!r}: use a name in {self.class_names} or an index below "
+                             f"{len(self.classes)}.")
+        return int(index)
 
     def frequent_word(self, cls: int | str) -> str:
         """The word captions use most often for ``cls`` (a class name or index)."""
         spec = self.classes[self._index(cls)]
         return max(spec.words, key=lambda wp: wp[1])[0]
 
-    def features(self, with_caption: bool = True) -> datasets.Features:
-        """The ``datasets.Features`` of ``load_synthetic`` for this world."""
-        features = {"image": datasets.Image(), "mask": datasets.Image(), "labels": datasets.List(datasets.ClassLabel(names=self.class_names))}
-        if with_caption:
-            features["caption"] = datasets.Value("string")
-        return datasets.Features(features)
-
-    def caption(self, labels: Sequence[int | str], rng: np.random.Generator | int, background: str | None = None) -> str:
+    def caption(
+        self, labels: Sequence[int | str], rng: np.random.Generator | int, background: str | None = None
+    ) -> str:
         """Write a caption naming ``labels`` with words drawn from the skewed vocabulary, in random order.
 
         Args:
@@ -306,7 +296,7 @@ class SyntheticWorld:
         indices = [self._index(label) for label in labels]
         if not indices:
             raise ValueError("caption() got no labels: pass at least one class index or name.")
-        words = [self._word_lists[i][rng.choice(len(self._word_lists[i]), p=self._word_probs[i])] for i in indices]
+        words = [self._word_lists[i][rng.choice(len(self._word_probs[i]), p=self._word_probs[i])] for i in indices]
         words = [words[i] for i in rng.permutation(len(words))]
         listing = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
         text = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))].format(listing)
@@ -314,8 +304,8 @@ class SyntheticWorld:
             text += " " + BACKGROUND_PHRASES[background]
         return text
 
-    def _place_objects(self, rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """Choose classes, shapes and positions; return the instance map (0 = background, k = k-th object) and objects."""
+    def _place_objects(self, rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, list[dict]]:
+        """Choose classes, shapes, positions; return the instance map (0 = background, k = k-th object), objects."""
         ys, xs = _pixel_grid(height, width)
         side = min(height, width)
         count = rng.choice(len(self.object_count_weights), p=self.object_count_weights) + 1
@@ -327,7 +317,7 @@ class SyntheticWorld:
             for _ in range(self.max_tries):
                 shape = SHAPES[rng.integers(len(SHAPES))]
                 radius = rng.uniform(*self.radius_range) * side
-                cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
+                cy, cx = float(rng.uniform(0.15, 0.85) * height), float(rng.uniform(0.15, 0.85) * width)
                 region = _shape_mask(shape, rng, ys - cy, xs - cx, radius)
                 area = int(region.sum())
                 if area < 0.03 * height * width:
@@ -339,10 +329,10 @@ class SyntheticWorld:
                 continue  # every try would hide an earlier object too much: drop this one
             instances[region] = len(objects) + 1
             areas.append(area)
-            objects.append({"label": int(cls), "shape": shape, "center": (float(cy), float(cx)), "radius": float(radius)})
+            objects.append({"label": int(cls), "shape": shape, "center": (cy, cx), "radius": float(radius)})
         return instances, objects
 
-    def sample(self, rng_or_seed: np.random.Generator | int | Sequence[int], image_size: ImageSize = 96) -> dict[str, Any]:
+    def sample(self, rng_or_seed: np.random.Generator | int | Sequence[int], image_size: ImageSize = 96) -> dict:
         """Draw one image of the world.
 
         Args:
@@ -389,12 +379,12 @@ class SyntheticWorld:
         return f"SyntheticWorld(classes={self.class_names}, backgrounds={self.background_kinds})"
 
 
-def _split_stream(split: str | None) -> int:
-    return zlib.crc32(str(split or "train").encode("utf-8"))
-
-
 def generate(
-    num_images: int, seed: int = 0, image_size: ImageSize = 96, split: str | None = None, world: SyntheticWorld | None = None
+    num_images: int,
+    seed: int = 0,
+    image_size: ImageSize = 96,
+    split: str | None = None,
+    world: SyntheticWorld | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield ``num_images`` samples of the world as numpy arrays (see ``SyntheticWorld.sample``).
 
@@ -411,7 +401,7 @@ def generate(
     if num_images < 0 or seed < 0:
         raise ValueError(f"num_images={num_images} and seed={seed} must both be non-negative.")
     world = world or SyntheticWorld()
-    stream = _split_stream(split)
+    stream = zlib.crc32(str(split or "train").encode("utf-8"))
     for index in range(num_images):
         yield world.sample(np.random.default_rng([seed, stream, index]), image_size)
 
@@ -433,7 +423,7 @@ def load_synthetic(
     """Generate the synthetic world as an in-memory ``datasets.Dataset``.
 
     Columns: ``image`` (RGB), ``mask`` (mode "L", class index + 1, 0 = background), ``labels``
-    (``List(ClassLabel)``) and ``caption``. Images are stored as PNG bytes (about 15 KB per 96-px image); for very
+    (``List(ClassLabel)``) and ``caption``. Images are stored as PNG bytes (about 20 KB per 96-px image); for very
     large worlds iterate ``generate`` instead or ``save_to_disk`` the result.
 
     Args:
@@ -448,18 +438,18 @@ def load_synthetic(
         A ``datasets.Dataset`` of ``num_images`` rows.
     """
     world = world or SyntheticWorld()
-    columns: dict[str, list] = {"image": [], "mask": [], "labels": []}
-    if with_caption:
-        columns["caption"] = []
+    labels = datasets.List(datasets.ClassLabel(names=world.class_names))
+    features = {"image": datasets.Image(), "mask": datasets.Image(), "labels": labels,
+                "caption": datasets.Value("string")}
+    features = datasets.Features({k: v for k, v in features.items() if with_caption or k != "caption"})
+    columns: dict[str, list] = {name: [] for name in features}
     for sample in generate(num_images, seed=seed, image_size=image_size, split=split, world=world):
-        columns["image"].append(_png(sample["image"]))
-        columns["mask"].append(_png(sample["mask"]))
-        columns["labels"].append(sample["labels"])
-        if with_caption:
-            columns["caption"].append(sample["caption"])
-    features = world.features(with_caption)
+        for name, values in columns.items():
+            values.append(_png(sample[name]) if name in ("image", "mask") else sample[name])
     info = datasets.DatasetInfo(
         description=f"pole_hf synthetic world: {num_images} images, seed={seed}, size={image_size}, {world!r}",
         features=features,
     )
-    return datasets.Dataset.from_dict(columns, features=features, info=info, split=datasets.NamedSplit(split or "train"))
+    return datasets.Dataset.from_dict(
+        columns, features=features, info=info, split=datasets.NamedSplit(split or "train")
+    )

@@ -41,7 +41,8 @@ def _find_voc_root(root: str) -> str:
 def _split_file(root: str, split: str, use_aug: bool) -> str:
     folder = _require_dir(os.path.join(root, "ImageSets", "Segmentation"), "VOC split folder")
     if use_aug and split == "train":
-        for candidate in (os.path.join(folder, "train_aug.txt"), os.path.join(root, "ImageSets", "SegmentationAug", "train_aug.txt")):
+        for candidate in (os.path.join(folder, "train_aug.txt"),
+                          os.path.join(root, "ImageSets", "SegmentationAug", "train_aug.txt")):
             if os.path.isfile(candidate):
                 return candidate
         raise FileNotFoundError(
@@ -72,12 +73,12 @@ def _read_labels(xml_path: str, class_index: dict[str, int]) -> list[int]:
     try:
         tree = ET.parse(xml_path)
     except ET.ParseError as error:
-        raise ValueError(f"VOC annotation {xml_path} is not valid XML ({error}): restore the file from the devkit.") from error
+        raise ValueError(f"VOC annotation {xml_path} is not valid XML ({error}): restore it.") from error
     labels = set()
     for name in tree.getroot().iterfind("object/name"):
         label = (name.text or "").strip()
         if label not in class_index:
-            raise ValueError(f"Label {label!r} in {xml_path} is not in class_names: add it or pass the matching class list.")
+            raise ValueError(f"Label {label!r} in {xml_path} is not in class_names: add it or pass the matching list.")
         labels.add(class_index[label])
     return sorted(labels)
 
@@ -128,8 +129,9 @@ def load_voc(
         ids.append(image_id)
 
     columns = {"image": images, "mask": masks, "labels": labels, "image_id": ids}
-    features = {"image": datasets.Image(), "mask": datasets.Image(),
-                "labels": datasets.List(datasets.ClassLabel(names=list(class_names))), "image_id": datasets.Value("string")}
+    labels_feature = datasets.List(datasets.ClassLabel(names=list(class_names)))
+    features = {"image": datasets.Image(), "mask": datasets.Image(), "labels": labels_feature,
+                "image_id": datasets.Value("string")}
     if all(path is None for path in masks):
         del columns["mask"], features["mask"]
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features), split=datasets.NamedSplit(split))

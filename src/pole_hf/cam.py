@@ -1,0 +1,214 @@
+"""GradCAM over CLIP ViT tokens for the learned class prompts (CLIP-ES's method), with attention-affinity refinement.
+
+One forward per image and scale: the blocks before the last run without autograd; only the last block is
+differentiated, and the gradients of all target classes come from one batched backward (one cotangent per class).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+
+from .images import pixel_values as to_pixel_values
+
+CAA_LAYERS = 8
+BOX_THRESHOLD = 0.4
+SINKHORN_ROUNDS = 3
+MAX_SIDE = 1024
+"""Images whose longer side exceeds this are downscaled for the CAM computation; CAMs come back at input size."""
+
+
+@dataclass
+class CamOutput(ModelOutput):
+    """CAMs of one image.
+
+    Args:
+        cams (`torch.FloatTensor` of shape `(k, H, W)`): one map per target class in [0, 1], at the output size.
+        class_indices (`torch.LongTensor` of shape `(k,)`): indices into `config.class_names`.
+        scores (`torch.FloatTensor` of shape `(k,)`): each target's softmax probability over [targets + background
+            words] at the first scale.
+        grid_cams (`torch.FloatTensor` of shape `(k, h, w)`): the first scale's maps on the patch grid.
+    """
+
+    cams: torch.FloatTensor | None = None
+    class_indices: torch.LongTensor | None = None
+    scores: torch.FloatTensor | None = None
+    grid_cams: torch.FloatTensor | None = None
+
+
+def minmax(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Min-max normalise each map of ``[k, ...]`` to [0, 1]; a constant map becomes zeros."""
+    flat = maps.flatten(1)
+    low = flat.min(1, keepdim=True).values
+    high = flat.max(1, keepdim=True).values
+    return ((flat - low) / (high - low + eps)).view_as(maps)
+
+
+def _attention_probs(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention probabilities ``[T, T]`` of a CLIP encoder layer for its input ``[1, T, D]``."""
+    attn = layer.self_attn
+    normed = layer.layer_norm1(hidden)[0]
+    heads, dim = attn.num_heads, attn.head_dim
+    q = attn.q_proj(normed).view(-1, heads, dim).transpose(0, 1)
+    k = attn.k_proj(normed).view(-1, heads, dim).transpose(0, 1)
+    return torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1).mean(0)
+
+
+def affinity_from_attention(attention: torch.Tensor, rounds: int = SINKHORN_ROUNDS) -> torch.Tensor:
+    """CLIP-ES's class-agnostic affinity from patch attention ``[N, N]``: alternate column/row normalisation
+    (``rounds`` times), symmetrise, then one random-walk step (the matrix squared)."""
+    affinity = attention.double()
+    for _ in range(rounds):
+        affinity = affinity / affinity.sum(0, keepdim=True)
+        affinity = affinity / affinity.sum(1, keepdim=True)
+    affinity = (affinity + affinity.t()) / 2
+    return (affinity @ affinity).float()
+
+
+def box_mask(grid_cam: np.ndarray, threshold: float = BOX_THRESHOLD) -> np.ndarray:
+    """Union of the bounding boxes of the connected regions (4-connectivity) where ``cam >= threshold * max``."""
+    above = grid_cam >= threshold * grid_cam.max() if grid_cam.max() > 0 else np.zeros_like(grid_cam, bool)
+    mask = np.zeros(grid_cam.shape, dtype=bool)
+    seen = np.zeros(grid_cam.shape, dtype=bool)
+    height, width = grid_cam.shape
+    for start in zip(*np.nonzero(above)):
+        if seen[start]:
+            continue
+        stack, ys, xs = [start], [], []
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            ys.append(y)
+            xs.append(x)
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and above[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        mask[min(ys): max(ys) + 1, min(xs): max(xs) + 1] = True
+    return mask
+
+
+def refine_with_affinity(grid_cams: torch.Tensor, affinity: torch.Tensor,
+                         threshold: float = BOX_THRESHOLD) -> torch.Tensor:
+    """Class-aware affinity refinement: per class, keep affinity columns inside its CAM boxes; ``A_c @ cam_c``."""
+    k, height, width = grid_cams.shape
+    refined = []
+    for cam in grid_cams:
+        keep = torch.from_numpy(box_mask(cam.detach().cpu().numpy(), threshold)).flatten().to(affinity.device)
+        refined.append((affinity * keep[None, :].to(affinity.dtype)) @ cam.flatten().to(affinity.dtype))
+    return minmax(torch.stack(refined).view(k, height, width))
+
+
+class CamEngine:
+    """Computes CLIP-ES GradCAMs for a [`PolePromptModel`].
+
+    Args:
+        model: the prompt model (its CLIP stays frozen; the engine never changes it).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        vision = model.clip.vision_model
+        self.patch_size = vision.config.patch_size
+        self.num_layers = len(vision.encoder.layers)
+
+    def _prefix(self, pixels: torch.Tensor, caa_layers: int):
+        """Run every block but the last without autograd; collect the needed layers' attention."""
+        vision = self.model.clip.vision_model
+        hidden = vision.pre_layrnorm(vision.embeddings(pixels, interpolate_pos_encoding=True))
+        attention = []
+        first_caa = self.num_layers - caa_layers
+        for index, layer in enumerate(vision.encoder.layers[:-1]):
+            if caa_layers and index >= first_caa:
+                attention.append(_attention_probs(layer, hidden))
+            hidden = layer(hidden, None)
+        if caa_layers:
+            attention.append(_attention_probs(vision.encoder.layers[-1], hidden))
+        return hidden, attention
+
+    def grid_cams(self, pixels: torch.Tensor, class_indices: Sequence[int] | None = None, refine: bool = False,
+                  caa_layers: int = CAA_LAYERS, box_threshold: float = BOX_THRESHOLD):
+        """CAMs on the patch grid for one image ``[1, 3, H, W]`` (H, W multiples of the patch size).
+
+        Returns:
+            ``(grid_cams [k, h, w], class_indices [k], scores [k])``.
+        """
+        model = self.model
+        if pixels.shape[0] != 1:
+            raise ValueError(f"grid_cams takes one image at a time, got a batch of {pixels.shape[0]}")
+        caa_layers = min(caa_layers, self.num_layers) if refine else 0
+        grid_h, grid_w = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
+        num_classes = model.config.num_classes
+        with torch.no_grad():
+            text = model.get_text_features()
+            hidden, attention = self._prefix(pixels.to(model.clip.dtype), caa_layers)
+        last = model.clip.vision_model.encoder.layers[-1]
+        with torch.enable_grad():
+            target = last.layer_norm1(hidden).detach().requires_grad_(True)
+            attended = hidden + last.self_attn(target, attention_mask=None)[0]
+            tokens = attended + last.mlp(last.layer_norm2(attended))
+            features = F.normalize(model.image_features_from_tokens(tokens), dim=-1)
+            logits = model.logit_scale() * features @ text.t().to(features.dtype)
+            if class_indices is None:
+                probs = logits.detach().softmax(-1)[0, :num_classes]
+                chosen = torch.nonzero(probs >= model.config.prediction_threshold).flatten().tolist()
+                class_indices = chosen or [int(probs.argmax())]
+            indices = torch.as_tensor(list(class_indices), dtype=torch.long, device=logits.device)
+            softmax_set = torch.cat([indices, torch.arange(num_classes, logits.shape[-1], device=logits.device)])
+            probs = logits[0, softmax_set].float().softmax(-1)[: len(indices)]
+            k = len(indices)
+            grads = torch.autograd.grad(probs, target, grad_outputs=torch.eye(k, dtype=probs.dtype,
+                                                                               device=probs.device),
+                                        is_grads_batched=True)[0]  # [k, 1, T, D]
+        activations = target.detach()[0, 1:].float()  # [N, D]
+        weights = grads[:, 0, 1:].float().mean(1)  # [k, D]
+        cams = torch.relu(weights @ activations.t()).view(k, grid_h, grid_w)
+        cams = minmax(cams)
+        if refine:
+            patch_attention = torch.stack(attention).mean(0)[1:, 1:]
+            cams = refine_with_affinity(cams, affinity_from_attention(patch_attention), box_threshold)
+        return cams, indices, probs.detach()
+
+    def __call__(self, image, processor, class_indices: Sequence[int] | None = None, scales: Sequence[float] = (1.0,),
+                 flip: bool = False, refine: bool = False, max_side: int = MAX_SIDE, **kwargs) -> CamOutput:
+        """CAMs of one RGB PIL image at its own size (rounded up to the patch grid), averaged over scales/flips.
+
+        Args:
+            image: an RGB PIL image (see `pole_hf.images.load_image`).
+            processor: the base's image processor (its `image_mean`/`image_std` are used).
+            class_indices: target classes; `None` predicts them (`config.prediction_threshold`).
+            scales: input scales, each rounded up to a multiple of the patch size.
+            flip: also average the horizontally flipped image's maps.
+            refine: apply class-aware attention affinity (CAA).
+            max_side: longer-side limit for the computation; CAMs still come back at the image's size.
+        """
+        width, height = image.size
+        if min(width, height) < self.patch_size:
+            raise ValueError(f"image of size {width}x{height} is smaller than one {self.patch_size}x{self.patch_size} "
+                             f"patch: give images of at least {self.patch_size} pixels per side")
+        shrink = min(1.0, max_side / max(width, height))
+        total, indices, scores, first_grid = None, class_indices, None, None
+        for scale in scales:
+            factor = scale * shrink
+            size = (max(1, math.ceil(height * factor / self.patch_size)) * self.patch_size,
+                    max(1, math.ceil(width * factor / self.patch_size)) * self.patch_size)
+            pixels = to_pixel_values(image, size, processor.image_mean, processor.image_std)
+            pixels = pixels.to(self.model.clip.device)
+            variants = [pixels, pixels.flip(-1)] if flip else [pixels]
+            for variant_index, variant in enumerate(variants):
+                grid, indices, probs = self.grid_cams(variant, indices, refine=refine, **kwargs)
+                if variant_index == 1:
+                    grid = grid.flip(-1)
+                if first_grid is None:
+                    first_grid, scores = grid, probs
+                up = F.interpolate(grid[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+                total = up if total is None else total + up
+        cams = total / (len(scales) * (2 if flip else 1))
+        return CamOutput(cams=cams.float().cpu(), class_indices=indices.cpu(), scores=scores.float().cpu(),
+                         grid_cams=first_grid.float().cpu())
