@@ -7,10 +7,15 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_pole import PoleConfig
 from .modeling_pole import PoleModelOutput, PolePromptModel
+from .bundled import TINY_CLIP, TINY_PROMPTS
+from .cam import CamEngine, CamOutput
 
 __version__ = "0.1.0"
 
 AutoConfig.register(PoleConfig.model_type, PoleConfig, exist_ok=True)
 AutoModel.register(PoleConfig, PolePromptModel, exist_ok=True)
 
-__all__ = ["PoleConfig", "PolePromptModel", "PoleModelOutput", "__version__"]
+from .pipeline_pole import PoleCamPipeline  # noqa: E402  (registers the "pole-cam" task)
+
+__all__ = ["PoleConfig", "PolePromptModel", "PoleModelOutput", "PoleCamPipeline", "CamEngine", "CamOutput",
+           "TINY_CLIP", "TINY_PROMPTS", "__version__"]

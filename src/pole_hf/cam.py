@@ -43,11 +43,11 @@ class CamOutput(ModelOutput):
 
 
 def minmax(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Min-max normalise each map of ``[k, ...]`` to [0, 1]; a constant map becomes zeros."""
+    """Min-max normalise each map of ``[k, ...]`` to [0, 1]; a constant (or all-zero) map becomes zeros."""
     flat = maps.flatten(1)
     low = flat.min(1, keepdim=True).values
     high = flat.max(1, keepdim=True).values
-    return ((flat - low) / (high - low + eps)).view_as(maps)
+    return ((flat - low) / (high - low).clamp_min(eps)).view_as(maps)
 
 
 def _attention_probs(layer, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""`PoleCamPipeline`: images (and optional image-level labels) in, CAMs, a pseudo mask and an overlay out.
+
+Registered with transformers on `import pole_hf` as the task ``"pole-cam"``::
+
+    pipe = pipeline("pole-cam", model="path/or/repo")
+    out = pipe("photo.jpg", labels=["dog", "cat"], refine=True, return_overlay=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from transformers import AutoModel, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .cam import CAA_LAYERS, MAX_SIDE, CamEngine
+from .images import load_image
+from .masks import class_scores, crf_refine, mask_to_image, overlay, scores_to_mask
+
+
+def resolve_labels(labels: Sequence[str | int] | str | None, class_names: Sequence[str]) -> list[int] | None:
+    """Class indices of `labels` (names or indices); an unknown name raises a `ValueError` listing the classes."""
+    if labels is None:
+        return None
+    if isinstance(labels, (str, int)):
+        labels = [labels]
+    indices = []
+    for label in labels:
+        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+            if not 0 <= int(label) < len(class_names):
+                raise ValueError(f"label index {label} is out of range for {len(class_names)} classes")
+            indices.append(int(label))
+        elif label in class_names:
+            indices.append(list(class_names).index(label))
+        else:
+            raise ValueError(f"unknown label {label!r}; known classes: {', '.join(class_names)}")
+    if not indices:
+        raise ValueError("labels is empty: give at least one class name, or labels=None to predict them")
+    return list(dict.fromkeys(indices))
+
+
+def load_image_processor(model):
+    """The base CLIP's image processor (from the base's folder or repo, or the bundled tiny CLIP)."""
+    from transformers import AutoImageProcessor
+
+    from .loading import resolve_base_path
+
+    config = model.config
+    if config.base_subfolder and config.name_or_path:
+        return AutoImageProcessor.from_pretrained(config.name_or_path, subfolder=config.base_subfolder)
+    return AutoImageProcessor.from_pretrained(resolve_base_path(config.base_model_name_or_path),
+                                              revision=config.base_model_revision)
+
+
+class PoleCamPipeline(Pipeline):
+    """CLIP-ES CAMs of a [`PolePromptModel`] as a transformers pipeline.
+
+    Call arguments:
+        images: a path, URL, PIL image, numpy array, a dict `{"image": ..., "labels": [...]}`, or a list of these.
+        labels (`list[str]` or `list[list[str]]`, *optional*): the image's classes (one list per image for a list
+            of images); predicted with `config.prediction_threshold` when omitted.
+        refine (`bool`, defaults to `False`): class-aware attention affinity refinement.
+        scales (`tuple[float]`, defaults to `(1.0,)`), flip (`bool`): multi-scale / flip averaging.
+        background (`str`, defaults to `"power"`), bg_power (`float`, 1.0), bg_threshold (`float`, 0.5): background
+            score `(1 - max cam) ** bg_power` or the fixed `bg_threshold`.
+        crf (`bool`, defaults to `False`): dense CRF on the class scores (needs `pip install pole_hf[crf]`).
+        ignore_below (`float`, *optional*): pixels whose winning score is below this become 255 in the mask.
+        return_overlay (`bool`, defaults to `False`): also return a heatmap blend of the strongest CAM.
+
+    Returns (per image): `labels`, `scores`, `cams` (float32 `[k, H, W]` at the input size), `mask` (PIL "P"
+    image, VOC palette, 0 background, 255 ignore) and `overlay` when asked.
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, model, image_processor=None, **kwargs):
+        super().__init__(model=model, image_processor=image_processor, **kwargs)
+        if self.image_processor is None:
+            self.image_processor = load_image_processor(self.model)
+        self.engine = CamEngine(self.model)
+
+    def __call__(self, images, labels=None, **kwargs):
+        if isinstance(images, (list, tuple)):
+            if labels is not None and len(labels) and isinstance(labels[0], (list, tuple)):
+                if len(labels) != len(images):
+                    raise ValueError(f"got {len(labels)} label lists for {len(images)} images: give one per image")
+                images = [{"image": im, "labels": lab} for im, lab in zip(images, labels)]
+            elif labels is not None:
+                images = [{"image": im, "labels": labels} for im in images]
+            return super().__call__(list(images), **kwargs)
+        if labels is not None:
+            images = {"image": images, "labels": labels}
+        return super().__call__(images, **kwargs)
+
+    def _sanitize_parameters(self, refine=None, scales=None, flip=None, caa_layers=None, max_side=None,
+                             background=None, bg_power=None, bg_threshold=None, crf=None, ignore_below=None,
+                             return_overlay=None, **kwargs):
+        forward = {k: v for k, v in dict(refine=refine, scales=scales, flip=flip, caa_layers=caa_layers,
+                                         max_side=max_side).items() if v is not None}
+        post = {k: v for k, v in dict(background=background, bg_power=bg_power, bg_threshold=bg_threshold, crf=crf,
+                                      ignore_below=ignore_below, return_overlay=return_overlay).items()
+                if v is not None}
+        return {}, forward, post
+
+    def preprocess(self, inputs):
+        labels = None
+        if isinstance(inputs, dict):
+            if "image" not in inputs:
+                raise ValueError("a dict input needs an 'image' key (and optionally 'labels')")
+            inputs, labels = inputs["image"], inputs.get("labels")
+        image = load_image(inputs)
+        patch = self.engine.patch_size
+        if min(image.size) < patch:
+            raise ValueError(f"image of size {image.size[0]}x{image.size[1]} is smaller than one {patch}x{patch} "
+                             f"patch: give images of at least {patch} pixels per side")
+        return {"image": image, "class_indices": resolve_labels(labels, self.model.config.class_names)}
+
+    def _forward(self, model_inputs, refine=False, scales=(1.0,), flip=False, caa_layers=CAA_LAYERS,
+                 max_side=MAX_SIDE):
+        output = self.engine(model_inputs["image"], self.image_processor, model_inputs["class_indices"],
+                             scales=tuple(scales), flip=flip, refine=refine, max_side=max_side,
+                             caa_layers=caa_layers)
+        return {"image": model_inputs["image"], "cam_output": output}
+
+    def postprocess(self, model_outputs, background="power", bg_power=1.0, bg_threshold=0.5, crf=False,
+                    ignore_below=None, return_overlay=False):
+        output, image = model_outputs["cam_output"], model_outputs["image"]
+        cams = output.cams.numpy().astype(np.float32)
+        class_ids = [int(i) + 1 for i in output.class_indices]
+        scores = class_scores(cams, background=background, bg_power=bg_power, bg_threshold=bg_threshold)
+        if crf:
+            scores = crf_refine(np.asarray(image), scores)
+        names = self.model.config.class_names
+        result = {
+            "labels": [names[int(i)] for i in output.class_indices],
+            "scores": [float(s) for s in output.scores],
+            "cams": cams,
+            "mask": mask_to_image(scores_to_mask(scores, class_ids, ignore_below=ignore_below)),
+        }
+        if return_overlay:
+            result["overlay"] = overlay(image, cams.max(0) if len(cams) else np.zeros(cams.shape[1:], np.float32))
+        return result
+
+
+PIPELINE_REGISTRY.register_pipeline("pole-cam", pipeline_class=PoleCamPipeline, pt_model=AutoModel, type="image")
