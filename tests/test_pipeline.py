@@ -130,3 +130,14 @@ def test_numpy_float_and_chw_arrays():
     with pytest.raises(ImageInputError, match="NaN"):
         load_image(np.full((8, 8), np.nan))
     assert load_image(torch.zeros(10, 12, 3)).size == (12, 10)
+
+
+def test_pipeline_crf_refines_scores(pipe):
+    pytest.importorskip("pydensecrf", reason="the crf extra is not installed")
+    image = Image.new("RGB", (48, 40), (20, 20, 20))
+    image.paste((230, 230, 230), (0, 0, 24, 40))
+    out = pipe(image, labels=["cat"], crf=True, ignore_below=0.2)
+    mask = np.asarray(out["mask"])
+    assert mask.shape == (40, 48) and set(np.unique(mask)) <= {0, 1, 255}
+    # the CRF follows the image edge: each half comes out as one label
+    assert len(np.unique(mask[:, :20])) == 1 and len(np.unique(mask[:, 28:])) == 1

@@ -213,7 +213,7 @@ def crf_refine(
     unary = -np.log(np.clip(probs, 1e-8, None)).reshape(num_labels, -1)
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=pos_xy, compat=pos_w)
-    crf.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=np.ascontiguousarray(image), compat=bi_w)
+    crf.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=np.array(image, dtype=np.uint8, order="C", copy=True), compat=bi_w)
     marginals = crf.inference(iterations)
     return np.asarray(marginals, dtype=np.float32).reshape(num_labels, height, width)
 
