@@ -108,6 +108,8 @@ def test_sizes(size):
 def test_too_small_size_is_an_error():
     with pytest.raises(ValueError, match="image_size=8"):
         WORLD.sample(0, image_size=8)
+    with pytest.raises(ValueError, match=r"image_size=\(32, 32, 3\)"):
+        WORLD.sample(0, image_size=(32, 32, 3))
 
 
 @settings(max_examples=25, deadline=None)

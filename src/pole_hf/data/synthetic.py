@@ -167,9 +167,9 @@ def _texture(texture: str, rng: np.random.Generator, dy: np.ndarray, dx: np.ndar
         fu = (u / period + phase_u) % 1.0 - 0.5
         fv = (v / period + phase_v) % 1.0 - 0.5
         return fu * fu + fv * fv < rng.uniform(0.24, 0.32) ** 2
-    if texture == "rings":
-        cy, cx = rng.uniform(-0.15, 0.15, size=2) * period * 3
-        return (np.sqrt((dy - cy) ** 2 + (dx - cx) ** 2) / period + phase_v) % 1.0 < 0.5
+    if texture == "rings":  # thin rings, so that a patch far from the centre differs from stripes by more than bend
+        cy, cx = rng.uniform(-0.5, 0.5, size=2) * period
+        return (np.sqrt((dy - cy) ** 2 + (dx - cx) ** 2) / period + phase_v) % 1.0 < rng.uniform(0.25, 0.32)
     if texture == "grid":
         width = rng.uniform(0.22, 0.3)
         return ((u / period + phase_u) % 1.0 < width) | ((v / period + phase_v) % 1.0 < width)
@@ -185,9 +185,10 @@ def _as_rng(rng_or_seed: np.random.Generator | int | Sequence[int]) -> np.random
 
 
 def _size(image_size: ImageSize) -> tuple[int, int]:
-    height, width = (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)
-    if height < 16 or width < 16:
-        raise ValueError(f"image_size={image_size!r} is too small: use at least 16 pixels per side.")
+    size = (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)
+    if len(size) != 2 or min(size) < 16:
+        raise ValueError(f"image_size={image_size!r} is invalid: use an int or (height, width), at least 16 each.")
+    height, width = size
     return int(height), int(width)
 
 
