@@ -137,6 +137,26 @@ class PolePromptModel(PreTrainedModel):
 
         return save_prompts(self, save_directory, include_base=include_base, push_to_hub=push_to_hub, **kwargs)
 
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, include_base: bool = False,
+                    selection_file: str | None = None, **card_kwargs) -> str:
+        """Push the prompts (never the CLIP weights unless `include_base`), a model card and the selection JSON.
+
+        Args:
+            repo_id: the Hub repo to create or update.
+            revision: branch to push to (created when missing).
+            selection_file: a `selection.json` written by `pole_hf.selection` to upload beside the prompts.
+            **card_kwargs: `datasets`, `eval_results` (`pole_hf.hub.PoleEvalResult`), `training` for the card.
+
+        Returns:
+            the commit URL.
+        """
+        from .hub import push_prompts_to_hub
+
+        return push_prompts_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
+                                   revision=revision, include_base=include_base, selection_file=selection_file,
+                                   **card_kwargs)
+
     # ------------------------------------------------------------------ prompts
     @property
     def token_embedding(self) -> nn.Embedding:

@@ -1,0 +1,112 @@
+"""Sharing prompts on the Hub: model cards rendered from the package's template, and prompts-only pushes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards", "pole_prompts.md")
+TAGS = ["weakly-supervised-semantic-segmentation", "clip", "prompt-learning", "pole_hf"]
+SELECTION_FILE = "selection.json"
+METRIC_NAMES = {"cam_miou": "CAM mIoU", "mask_miou": "Pseudo-mask mIoU"}
+
+
+@dataclass
+class PoleEvalResult:
+    """One evaluation result for a model card.
+
+    Args:
+        metric: `"cam_miou"` or `"mask_miou"` (or another metric id).
+        value: the value in percent.
+        dataset: dataset id or name (e.g. `"voc2012"` or `"pole_hf/synthetic"`).
+        split: the split evaluated.
+        background: how background was scored, e.g. `"(1 - max cam)^1"` or `"threshold 0.4"`.
+        dataset_name: a display name (default: `dataset`).
+    """
+
+    metric: str
+    value: float
+    dataset: str
+    split: str = "train"
+    background: str = ""
+    dataset_name: str | None = None
+
+    def to_hub(self) -> EvalResult:
+        return EvalResult(task_type="image-segmentation", task_name="Weakly supervised semantic segmentation",
+                          dataset_type=self.dataset, dataset_name=self.dataset_name or self.dataset,
+                          dataset_split=self.split, metric_type="mean_iou",
+                          metric_name=METRIC_NAMES.get(self.metric, self.metric),
+                          metric_value=round(float(self.value), 2),
+                          metric_config=self.background or None)
+
+
+def render_model_card(model, repo_id: str | None = None, datasets: Sequence[str] | None = None,
+                      eval_results: Sequence[PoleEvalResult] = (), training: dict | None = None,
+                      prompts_size: int | None = None, license: str | None = "apache-2.0") -> ModelCard:
+    """Render the prompts' model card with huggingface_hub's `ModelCard` from the package template.
+
+    Args:
+        model: a `PolePromptModel`.
+        repo_id: the repo the card is for (used in the usage snippet).
+        datasets: training datasets (card metadata).
+        eval_results: CAM / pseudo-mask mIoU results, shown in the card and as `model-index` metadata.
+        training: training settings to list (seed, steps, loss weights, versions...).
+        prompts_size: size in bytes of the prompts file, for the text.
+        license: the card's license field.
+    """
+    import pole_hf
+
+    config = model.config
+    base = config.base_model_name_or_path
+    hub_base = base if base and not os.path.isdir(base) else None
+    name = repo_id.split("/")[-1] if repo_id else "pole-prompts"
+    card_data = ModelCardData(
+        base_model=hub_base, library_name="pole_hf", tags=list(TAGS), license=license,
+        datasets=list(datasets) if datasets else None, pipeline_tag="image-segmentation", model_name=name,
+        eval_results=[r.to_hub() for r in eval_results] or None,
+    )
+    training_rows = dict(training or {})
+    training_rows.setdefault("pole_hf version", pole_hf.__version__)
+    learned = any(p.requires_grad for p in model.learnable_parameters())
+    return ModelCard.from_template(
+        card_data, template_path=TEMPLATE_PATH, model_name=name, repo_id=repo_id or "path/to/prompts",
+        base_model=hub_base, base_revision=config.base_model_revision,
+        prompts_size=f"{prompts_size / 1024:.1f} KB" if prompts_size else "small",
+        example_labels=", ".join(repr(n) for n in config.class_names[:2]), template=config.template,
+        class_token_length=config.class_token_length, learned=learned,
+        class_rows=list(zip(config.class_names, config.class_words)),
+        background_words=", ".join(config.background_words) or "none",
+        eval_rows=[dict(name=METRIC_NAMES.get(r.metric, r.metric), dataset=r.dataset_name or r.dataset,
+                        split=r.split, value=f"{r.value:.2f}", background=r.background or "-") for r in eval_results],
+        training=sorted(training_rows.items()),
+    )
+
+
+def push_prompts_to_hub(model, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                        token: str | bool | None = None, revision: str | None = None, include_base: bool = False,
+                        selection_file: str | None = None, card: ModelCard | None = None, **card_kwargs) -> str:
+    """Push a prompts-only folder (config, safetensors, selection JSON when given, model card) to `repo_id`.
+
+    Returns:
+        the commit URL.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, include_base=include_base)
+        if selection_file is not None:
+            with open(selection_file, "rb") as src, open(os.path.join(folder, SELECTION_FILE), "wb") as dst:
+                dst.write(src.read())
+        if card is None:
+            size = os.path.getsize(os.path.join(folder, "model.safetensors"))
+            card = render_model_card(model, repo_id=repo_id, prompts_size=size, **card_kwargs)
+        card.save(os.path.join(folder, "README.md"))
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, token=token,
+                                 commit_message=commit_message or "Upload POLE prompts")
+    return info.commit_url
