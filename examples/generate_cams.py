@@ -1,0 +1,142 @@
+"""CAMs and pseudo masks for a whole dataset, sharded across accelerate processes, resumable.
+
+    accelerate launch examples/generate_cams.py --model out/prompts --dataset voc:/data/VOCdevkit/VOC2012 \
+        --split train --output_dir cams/ --refine
+
+Writes, per image id: ``cams/{id}.npy`` (float16 ``[k, H, W]``, one map per image label in the dataset's class order)
+and ``masks/{id}.png`` (VOC palette; 0 background, 255 ignore), each atomically (temporary name, then rename).
+A rerun skips images whose two files exist. Unreadable images are logged and skipped; ``summary.json`` counts them
+and, when the dataset has masks, gives CAM-mask mIoU over every finished image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pole_hf import CamEngine, PolePromptModel
+from pole_hf.atomic import atomic_path, atomic_write_text
+from pole_hf.data.spec import SPEC_HELP, class_names_of, iter_examples, load_dataset_spec
+from pole_hf.evaluation import ConfusionMatrix
+from pole_hf.masks import cams_to_mask, image_to_mask, mask_to_image
+from pole_hf.pipeline_pole import load_image_processor
+
+logger = logging.getLogger("generate_cams")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="prompts folder or Hub repo (default: the bundled prompts)")
+    parser.add_argument("--dataset", default="synthetic", help=SPEC_HELP)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--num_images", type=int, default=None, help="first N images only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--refine", action="store_true", help="class-aware attention affinity (CAA)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--flip", action="store_true")
+    parser.add_argument("--bg_power", type=float, default=1.0, help="background = (1 - max cam) ** bg_power")
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--push_to_hub", default=None, help="push the CAM/mask dataset to this Hub dataset repo")
+    return parser.parse_args(argv)
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def save_png(path: str, image: Image.Image) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=args.cpu)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pole_hf.bundled import TINY_PROMPTS
+
+    model = PolePromptModel.from_pretrained(args.model or TINY_PROMPTS).to(accelerator.device)
+    processor = load_image_processor(model)
+    engine = CamEngine(model)
+    dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed)
+    names = class_names_of(dataset)
+    if names != model.config.class_names:
+        raise SystemExit(f"the dataset's classes {names} differ from the model's {model.config.class_names}")
+    cam_dir, mask_dir = os.path.join(args.output_dir, "cams"), os.path.join(args.output_dir, "masks")
+    os.makedirs(cam_dir, exist_ok=True)
+    os.makedirs(mask_dir, exist_ok=True)
+    shard = range(accelerator.process_index, len(dataset), accelerator.num_processes)
+    matrix = ConfusionMatrix(len(names) + 1)
+    done = computed = 0
+    skipped: list[str] = []
+    for example in tqdm(iter_examples(dataset, shard), total=len(shard), disable=not accelerator.is_main_process,
+                        desc="CAMs"):
+        cam_path = os.path.join(cam_dir, f"{example.id}.npy")
+        mask_path = os.path.join(mask_dir, f"{example.id}.png")
+        if os.path.exists(cam_path) and os.path.exists(mask_path):
+            with Image.open(mask_path) as saved:
+                pred = image_to_mask(saved)
+            done += 1
+        elif example.image is None:
+            logger.warning("skipping %s: %s", example.id, example.error)
+            skipped.append(example.id)
+            continue
+        else:
+            labels = sorted(set(example.labels))
+            if labels:
+                output = engine(example.image, processor, labels, scales=tuple(args.scales), flip=args.flip,
+                                refine=args.refine)
+                cams = output.cams.numpy()
+            else:
+                cams = np.zeros((0, example.image.size[1], example.image.size[0]), np.float32)
+            pred = cams_to_mask(cams, [i + 1 for i in labels], background="power", bg_power=args.bg_power)
+            save_npy(cam_path, cams.astype(np.float16))
+            save_png(mask_path, mask_to_image(pred))
+            computed += 1
+        if example.mask is not None:
+            matrix.update(pred, example.mask)
+    totals = torch.tensor(matrix.matrix, dtype=torch.int64, device=accelerator.device)
+    totals = accelerator.reduce(totals, reduction="sum").cpu().numpy()
+    counts = accelerator.reduce(torch.tensor([done, computed, len(skipped)], device=accelerator.device),
+                                reduction="sum").tolist()
+    skipped_all = accelerator.gather_for_metrics(skipped, use_gather_object=True)
+    summary = {"images": len(dataset), "resumed": counts[0], "computed": counts[1], "skipped": counts[2],
+               "skipped_ids": sorted(skipped_all)}
+    if totals.sum() > 0:
+        merged = ConfusionMatrix(len(names) + 1)
+        merged.matrix = totals
+        summary["miou"] = float(merged.miou())
+        summary["per_class_iou"] = dict(zip(["background", *names], map(float, merged.iou())))
+    if accelerator.is_main_process:
+        atomic_write_text(os.path.join(args.output_dir, "summary.json"), json.dumps(summary, indent=2))
+        logger.info("summary: %s", {k: v for k, v in summary.items() if k != "per_class_iou"})
+        if args.push_to_hub:
+            push_cam_dataset(args.output_dir, args.push_to_hub)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def push_cam_dataset(output_dir: str, repo_id: str) -> None:
+    """Push the generated pseudo masks (and CAM file names) as a Hub dataset with `Dataset.push_to_hub`."""
+    import datasets
+
+    mask_dir = os.path.join(output_dir, "masks")
+    ids = sorted(name[:-4] for name in os.listdir(mask_dir) if name.endswith(".png"))
+    records = {"id": ids, "mask": [os.path.join(mask_dir, f"{i}.png") for i in ids],
+               "cams_file": [f"cams/{i}.npy" for i in ids]}
+    dataset = datasets.Dataset.from_dict(records).cast_column("mask", datasets.Image())
+    dataset.push_to_hub(repo_id)
+
+
+if __name__ == "__main__":
+    main()
