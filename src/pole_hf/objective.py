@@ -1,0 +1,290 @@
+"""POLE's training losses (CLIMS's OTM, BTM and CBS) on CAM-masked images, for the learnable class prompts.
+
+For an image ``x`` with class ``k`` and its CAM ``P_k`` in [0, 1] (computed by the caller from the current prompts,
+detached, resized to the image): foreground image ``P_k * x``, background image ``(1 - P_k) * x``. With ``f(.)`` the
+model's L2-normalised image feature, ``t_k`` the normalised text feature of class ``k``'s prompt and ``b_j`` those of
+the background prompts, the score is the plain cosine similarity ``s(v, t) = f(v) . t`` (no softmax, no logit
+scale), clamped to ``[lo, hi]`` (POLE: ``[1e-4, 0.9999]``):
+
+- ``L_OTM = -mean_{(x,k)} log clamp(s(P_k x, t_k))``: the object's image should match its prompt;
+- ``L_BTM = -mean_{(x,k)} log(1 - clamp(s((1 - P_k) x, t_k)))``: what the CAM leaves out should not;
+- ``L_CBS = -sum_{(x,k), j : s(P_k x, b_j) > tau} log(1 - clamp(s(P_k x, b_j)))`` with ``tau = 0.26``: the
+  foreground image should not look like background stuff (a sum over pairs above the threshold, not a mean);
+- ``L = w_otm L_OTM + w_btm L_BTM + w_cbs L_CBS`` with POLE's weights 10 / 25 / 1.
+
+A score outside the clamp range passes no gradient (as in CLIMS): a foreground image whose cosine with its prompt
+is at most 1e-4 does not pull the prompt in OTM.
+
+``f`` is the model's image feature (``config.image_feature``: CLIP-ES's patch mean by default) unless
+``PoleObjective(image_feature="pooled")`` asks for CLIP's own pooled feature, which is what CLIMS scores with (its
+0.26 CBS threshold and the 1e-4 clamp were set for that feature's cosine range).
+
+Sources: CLIMS (Xie et al., CVPR 2022) ``CVI-SZU/CLIMS`` ``clip_loss.py`` (``SimMaxLoss``, ``SimMinLoss``,
+``BackgroundSuppressionLoss``), ``clip_utils.py`` (``clip_forward``: cosine similarity of normalised features) and
+``step/train_clims.py`` (masking ``cam * img`` and ``(1 - cam) * img``); POLE ``run_CLIMS.sh --hyper
+10.0,25.0,1.0,0.0``. Differences: CLIMS's CBS does not clamp (here the upper clamp keeps ``s -> 1`` finite), and
+CLIMS trains the CAM network through the masks while here the CAMs are fixed and the text prompts (plus optional
+adapters) learn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .vocab import CBS_SIMILARITY_THRESHOLD, POLE_LOSS_WEIGHTS, SCORE_CLAMP
+
+
+@dataclass
+class PoleLossOutput(ModelOutput):
+    """Output of [`PoleObjective`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): ``w_otm * otm + w_btm * btm + w_cbs * cbs``.
+        otm (`torch.FloatTensor` of shape `()`): object-text matching loss (unweighted).
+        btm (`torch.FloatTensor` of shape `()`): background-text matching loss (unweighted).
+        cbs (`torch.FloatTensor` of shape `()`): co-occurring background suppression loss (unweighted).
+        fg_scores (`torch.FloatTensor` of shape `(pairs,)`): ``s(P_k x, t_k)`` before clamping.
+        bg_scores (`torch.FloatTensor` of shape `(pairs,)`): ``s((1 - P_k) x, t_k)`` before clamping.
+        cbs_pairs (`torch.LongTensor` of shape `()`): (pair, background prompt) similarities above the threshold.
+    """
+
+    loss: torch.FloatTensor | None = None
+    otm: torch.FloatTensor | None = None
+    btm: torch.FloatTensor | None = None
+    cbs: torch.FloatTensor | None = None
+    fg_scores: torch.FloatTensor | None = None
+    bg_scores: torch.FloatTensor | None = None
+    cbs_pairs: torch.LongTensor | None = None
+
+
+def flatten_pairs(cams, num_images: int, image_indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring the accepted CAM layouts to one map per (image, class) pair.
+
+    Args:
+        cams: ``[N, K, h, w]`` (K maps per image), ``[P, h, w]`` with `image_indices` (or P == N: one map per
+            image), or a list of N per-image tensors ``[k_i, h, w]``.
+        num_images: N, the number of images the maps belong to.
+        image_indices: ``[P]`` image of each map, for the ``[P, h, w]`` layout.
+
+    Returns:
+        ``(maps [P, h, w], image_indices [P])``.
+    """
+    if isinstance(cams, (list, tuple)):
+        if len(cams) != num_images:
+            raise ValueError(f"got CAMs for {len(cams)} images but {num_images} images: give one [k, h, w] tensor "
+                             "per image")
+        maps = [torch.as_tensor(c) for c in cams]
+        maps = [m[None] if m.ndim == 2 else m for m in maps]
+        index = torch.cat([torch.full((m.shape[0],), i, dtype=torch.long) for i, m in enumerate(maps)])
+        return torch.cat(maps), index
+    cams = torch.as_tensor(cams)
+    if cams.ndim == 4:
+        if cams.shape[0] != num_images:
+            raise ValueError(f"CAMs of shape {tuple(cams.shape)} do not match {num_images} images: use [N, K, h, w]")
+        return cams.flatten(0, 1), torch.arange(num_images).repeat_interleave(cams.shape[1])
+    if cams.ndim != 3:
+        raise ValueError(f"CAMs of shape {tuple(cams.shape)}: use [N, K, h, w], [P, h, w] or a list of [k, h, w]")
+    if image_indices is None:
+        if cams.shape[0] != num_images:
+            raise ValueError(f"{cams.shape[0]} CAMs for {num_images} images: pass image_indices to say which image "
+                             "each map belongs to")
+        return cams, torch.arange(num_images)
+    index = torch.as_tensor(image_indices, dtype=torch.long).flatten()
+    if index.numel() != cams.shape[0] or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) <
+                                           num_images):
+        raise ValueError(f"image_indices {index.tolist()} must give an image in [0, {num_images}) for each of the "
+                         f"{cams.shape[0]} maps")
+    return cams, index
+
+
+def masked_images(pixel_values: torch.Tensor, cams, image_indices=None, size: tuple[int, int] | None = None,
+                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground and background images ``P_k * x`` and ``(1 - P_k) * x`` for every (image, class) pair.
+
+    Args:
+        pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`): processed (normalised) images.
+        cams: the maps, in any layout of [`flatten_pairs`]; resized (bilinear) to the images, clipped to [0, 1],
+            detached.
+        image_indices: the image of each map for the ``[P, h, w]`` layout.
+        size: resize images and maps to this `(height, width)` first (CLIMS squashes both to CLIP's 224).
+        image_mean, image_std: when given, masking happens in [0, 1] pixel space (masked-out parts turn black,
+            as in POLE's masked images); otherwise on the normalised values as CLIMS does (they turn the mean colour).
+
+    Returns:
+        ``(fg, bg)``, each ``[P, 3, H, W]`` (or ``size``), pairs in `flatten_pairs` order.
+    """
+    maps, index = flatten_pairs(cams, pixel_values.shape[0], image_indices)
+    pixels = pixel_values.detach()
+    if size is not None and tuple(pixels.shape[-2:]) != tuple(size):
+        pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
+    maps = maps.detach().to(device=pixels.device, dtype=pixels.dtype)[:, None]
+    if tuple(maps.shape[-2:]) != tuple(pixels.shape[-2:]):
+        maps = F.interpolate(maps, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+    maps = maps.clamp(0, 1)
+    images = pixels[index.to(pixels.device)]
+    if (image_mean is None) != (image_std is None):
+        raise ValueError("give both image_mean and image_std (pixel-space masking) or neither")
+    if image_mean is None:
+        return maps * images, (1 - maps) * images
+    mean = torch.as_tensor(image_mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+    raw = images * std + mean
+    return (maps * raw - mean) / std, ((1 - maps) * raw - mean) / std
+
+
+def otm_loss(scores: torch.Tensor, clamp: tuple[float, float] = SCORE_CLAMP) -> torch.Tensor:
+    """Object-text matching ``-mean log clamp(s)`` (CLIMS `SimMaxLoss`)."""
+    return -torch.log(scores.clamp(*clamp)).mean()
+
+
+def btm_loss(scores: torch.Tensor, clamp: tuple[float, float] = SCORE_CLAMP) -> torch.Tensor:
+    """Background-text matching ``-mean log(1 - clamp(s))`` (CLIMS `SimMinLoss`)."""
+    return -torch.log(1 - scores.clamp(*clamp)).mean()
+
+
+def cbs_loss(similarity: torch.Tensor, threshold: float = CBS_SIMILARITY_THRESHOLD,
+             clamp: tuple[float, float] = SCORE_CLAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Background suppression ``-sum_{s > threshold} log(1 - clamp(s))`` over a similarity matrix (CLIMS
+    `BackgroundSuppressionLoss`). Returns ``(loss, number of counted entries)``."""
+    above = similarity.detach() > threshold
+    terms = -torch.log(1 - similarity.clamp(*clamp))
+    return torch.where(above, terms, torch.zeros_like(terms)).sum(), above.sum()
+
+
+class PoleObjective(nn.Module):
+    """POLE's weighted OTM + BTM + CBS loss on CAM-masked images (formulas and sources in the module docstring).
+
+    Args:
+        weights (`dict[str, float]`, *optional*): `{"otm", "btm", "cbs"}` weights; missing keys keep POLE's
+            10 / 25 / 1.
+        cbs_threshold (`float`, *optional*, defaults to 0.26): CBS counts similarities above this.
+        clamp (`tuple[float, float]`, *optional*, defaults to `(1e-4, 0.9999)`): score clamp before the logs.
+        image_feature (`str`, *optional*): `"pooled"` (CLIP's class-token feature, as CLIMS) or `"patch_mean"`
+            (CLIP-ES); `None` uses the model's `config.image_feature`. Visual adapters apply either way.
+
+    Example:
+        ```python
+        cams = [engine.grid_cams(pixels[i : i + 1], labels[i])[0] for i in range(len(pixels))]  # no grad needed
+        out = objective(model, pixels, cams, labels)  # labels: per-image lists of class indices
+        out.loss.backward()
+        ```
+    """
+
+    def __init__(self, weights: Mapping[str, float] | None = None,
+                 cbs_threshold: float = CBS_SIMILARITY_THRESHOLD, clamp: tuple[float, float] = SCORE_CLAMP,
+                 image_feature: str | None = None):
+        super().__init__()
+        if image_feature not in (None, "pooled", "patch_mean"):
+            raise ValueError(f"image_feature={image_feature!r} must be 'pooled', 'patch_mean' or None (the model's)")
+        self.image_feature = image_feature
+        unknown = sorted(set(weights or {}) - set(POLE_LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(f"unknown loss weights {unknown}: use the keys {sorted(POLE_LOSS_WEIGHTS)}")
+        self.weights = {**POLE_LOSS_WEIGHTS, **{k: float(v) for k, v in (weights or {}).items()}}
+        low, high = (float(c) for c in clamp)
+        if not 0 < low < high < 1:
+            raise ValueError(f"clamp={clamp} must satisfy 0 < low < high < 1 so both logs stay finite")
+        self.clamp = (low, high)
+        self.cbs_threshold = float(cbs_threshold)
+
+    def extra_repr(self) -> str:
+        return (f"weights={self.weights}, cbs_threshold={self.cbs_threshold}, clamp={self.clamp}, "
+                f"image_feature={self.image_feature}")
+
+    def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised features ``[N, D]`` of (masked) images: frozen CLIP, gradients only into visual adapters."""
+        kind = self.image_feature or model.config.image_feature
+        if kind == model.config.image_feature:
+            return model.get_image_features(pixel_values)
+        vision = model.clip.vision_model
+        tokens = vision(pixel_values=pixel_values.to(model.clip.dtype), interpolate_pos_encoding=True).last_hidden_state
+        pooled = vision.post_layernorm(tokens[:, 0] if kind == "pooled" else tokens[:, 1:])
+        features = model.clip.visual_projection(pooled if kind == "pooled" else pooled.mean(dim=1))
+        if model.visual_adapter is not None:
+            features = model.visual_adapter(features)
+        return F.normalize(features, dim=-1)
+
+    def losses(self, fg_features: torch.Tensor, bg_features: torch.Tensor, text_features: torch.Tensor,
+               class_indices: torch.Tensor, num_classes: int) -> PoleLossOutput:
+        """The losses from L2-normalised features.
+
+        Args:
+            fg_features (`torch.FloatTensor` of shape `(P, D)`): features of the foreground images.
+            bg_features (`torch.FloatTensor` of shape `(P, D)`): features of the background images.
+            text_features (`torch.FloatTensor` of shape `(C + B, D)`): class prompts, then background prompts.
+            class_indices (`torch.LongTensor` of shape `(P,)`): the class of each pair.
+            num_classes: C.
+        """
+        text = text_features.float()
+        fg, bg = fg_features.float(), bg_features.float()
+        if fg.shape[0] == 0:
+            zero = text.sum() * 0.0 + fg.sum() * 0.0
+            return PoleLossOutput(loss=zero, otm=zero, btm=zero, cbs=zero, fg_scores=fg.new_zeros(0),
+                                  bg_scores=fg.new_zeros(0), cbs_pairs=torch.zeros((), dtype=torch.long))
+        class_text = text[class_indices.to(text.device)]
+        fg_scores = (fg * class_text).sum(-1)
+        bg_scores = (bg * class_text).sum(-1)
+        otm = otm_loss(fg_scores, self.clamp)
+        btm = btm_loss(bg_scores, self.clamp)
+        background = text[num_classes:]
+        if background.shape[0]:
+            cbs, counted = cbs_loss(fg @ background.t(), self.cbs_threshold, self.clamp)
+        else:
+            cbs, counted = fg.sum() * 0.0, torch.zeros((), dtype=torch.long)
+        loss = self.weights["otm"] * otm + self.weights["btm"] * btm + self.weights["cbs"] * cbs
+        return PoleLossOutput(loss=loss, otm=otm, btm=btm, cbs=cbs, fg_scores=fg_scores, bg_scores=bg_scores,
+                              cbs_pairs=counted)
+
+    def forward(self, model, pixel_values: torch.Tensor, cams, class_indices, image_indices=None,
+                size: tuple[int, int] | None = None, image_mean: Sequence[float] | None = None,
+                image_std: Sequence[float] | None = None) -> PoleLossOutput:
+        """POLE's loss for a batch.
+
+        Args:
+            model: a [`PolePromptModel`]; text features come from `model.get_text_features()` with gradients (class
+                tokens, context, text adapter), image features from [`image_features`] (frozen CLIP; the visual
+                adapter, if any, gets gradients).
+            pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`): processed images.
+            cams: detached CAMs of the current prompts, in any layout of [`flatten_pairs`].
+            class_indices: the class of each map, matching the CAM layout: ``[N, K]`` (or ``[K]`` for all images)
+                for ``[N, K, h, w]``; ``[P]`` for ``[P, h, w]``; per-image lists for a list of ``[k_i, h, w]``.
+            image_indices: the image of each map for the ``[P, h, w]`` layout.
+            size, image_mean, image_std: see [`masked_images`].
+        """
+        maps, _ = flatten_pairs(cams, pixel_values.shape[0], image_indices)
+        classes = _flatten_classes(class_indices, cams, maps.shape[0])
+        if classes.numel() and not 0 <= int(classes.min()) <= int(classes.max()) < model.config.num_classes:
+            raise ValueError(f"class_indices {classes.tolist()} must lie in [0, {model.config.num_classes})")
+        fg, bg = masked_images(pixel_values, cams, image_indices, size, image_mean, image_std)
+        pairs = fg.shape[0]
+        text = model.get_text_features()
+        if pairs == 0:
+            empty = text.new_zeros(0, text.shape[-1])
+            return self.losses(empty, empty, text, classes, model.config.num_classes)
+        features = self.image_features(model, torch.cat([fg, bg]))  # one vision forward for both halves
+        return self.losses(features[:pairs], features[pairs:], text, classes, model.config.num_classes)
+
+
+def _flatten_classes(class_indices, cams, pairs: int) -> torch.Tensor:
+    """Class indices ``[P]`` in the pair order of [`flatten_pairs`]."""
+    if isinstance(cams, (list, tuple)):
+        flat = [int(c) for per_image in class_indices for c in torch.as_tensor(per_image).flatten().tolist()]
+        classes = torch.tensor(flat, dtype=torch.long)
+    else:
+        classes = torch.as_tensor(class_indices, dtype=torch.long)
+        if torch.as_tensor(cams).ndim == 4 and classes.ndim == 1:
+            classes = classes.repeat(torch.as_tensor(cams).shape[0])
+        classes = classes.flatten()
+    if classes.numel() != pairs:
+        raise ValueError(f"{classes.numel()} class indices for {pairs} CAMs: give one class per map, in map order")
+    return classes
+
+
+__all__ = ["PoleLossOutput", "PoleObjective", "btm_loss", "cbs_loss", "flatten_pairs", "masked_images", "otm_loss"]

@@ -1,0 +1,387 @@
+"""POLE class-token selection: pick each class's prompt word among synonyms by scoring CAM-masked images with CLIP.
+
+For every image and each of its classes, the image is masked with the class's CAM (``cam * image`` in [0, 1] pixel
+space, so the rest turns black), squashed to CLIP's input size and scored by the *base* CLIP against every candidate
+word of that class in a fixed sentence (``"A photo of {}."``): ``p = softmax(logit_scale * cos(image, sentences))``
+over the class's candidates; the image votes for the argmax. A class's word for the dataset is the word with most
+votes, ties broken by the higher mean probability over the class's images, then by candidate order.
+
+Source: POLE (Murugesan et al., WACV 2024), ``rB080/WSS_POLE`` ``sim_test.ipynb`` / ``utils.py``
+(``get_similarity``: ``(100 * image @ text.T).softmax(-1)`` over a class's candidate words on its CAM-masked image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from .atomic import atomic_write_text
+from .images import load_image
+from .vocab import SELECTION_TEMPLATE, VOC_SYNONYMS
+
+SELECTION_FORMAT = "pole_hf.selection"
+SELECTION_VERSION = 1
+
+
+@dataclass
+class WordChoice:
+    """One image's vote for one of its classes.
+
+    Args:
+        image (`int`): position of the image in the input iterable.
+        image_id (`str`, *optional*): the id given with the image, if any.
+        class_name (`str`): the class.
+        word (`str`): the candidate with the highest probability on the class's masked image.
+        probabilities (`dict[str, float]`): softmax probability of every candidate, in candidate order.
+    """
+
+    image: int
+    image_id: str | None
+    class_name: str
+    word: str
+    probabilities: dict[str, float]
+
+
+@dataclass
+class ClassSummary:
+    """Dataset-level result for one class.
+
+    Args:
+        votes (`dict[str, int]`): images that chose each candidate (every candidate listed, zeros included).
+        mean_probability (`dict[str, float]`): each candidate's probability averaged over the class's images.
+        winner (`str`, *optional*): most votes, then higher mean probability, then candidate order; `None` when
+            no image has the class.
+        images (`int`): number of images that have the class.
+    """
+
+    votes: dict[str, int]
+    mean_probability: dict[str, float]
+    winner: str | None
+    images: int
+
+
+@dataclass
+class SelectionResult:
+    """Per-image choices of a selection run and their per-class summary.
+
+    Args:
+        candidates (`dict[str, list[str]]`): the candidate words scored for each class.
+        template (`str`): the sentence the candidates were scored in.
+        choices (`list[WordChoice]`): one entry per (image, class) pair, by image position, then class order.
+    """
+
+    candidates: dict[str, list[str]]
+    template: str = SELECTION_TEMPLATE
+    choices: list[WordChoice] = field(default_factory=list)
+
+    def summary(self) -> dict[str, ClassSummary]:
+        """Votes, mean probabilities and winner of every candidate class (see [`ClassSummary`])."""
+        out = {}
+        for name, words in self.candidates.items():
+            mine = [c for c in self.choices if c.class_name == name]
+            votes = {w: sum(c.word == w for c in mine) for w in words}
+            mean = {w: (sum(c.probabilities.get(w, 0.0) for c in mine) / len(mine) if mine else 0.0) for w in words}
+            # max() keeps the first of equal keys, so remaining ties go to the earlier candidate
+            winner = max(words, key=lambda w: (votes[w], mean[w])) if mine else None
+            out[name] = ClassSummary(votes=votes, mean_probability=mean, winner=winner, images=len(mine))
+        return out
+
+    @property
+    def winners(self) -> dict[str, str]:
+        """`{class_name: winning word}` for every class seen in at least one image."""
+        return {name: s.winner for name, s in self.summary().items() if s.winner is not None}
+
+    def apply(self, model) -> dict[str, str]:
+        """Set the winning words as `model`'s class words (`model.set_class_words`).
+
+        Only classes whose winner differs from their current word change (their class tokens restart from the new
+        word's embeddings); the others keep their tokens. Returns the `{class_name: word}` that changed.
+        """
+        current = dict(zip(model.config.class_names, model.config.class_words))
+        changed = {name: word for name, word in self.winners.items() if current.get(name) != word}
+        if changed:
+            model.set_class_words(changed)
+        return changed
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: format tag, template, candidates, choices, summary and winners."""
+        return {
+            "format": SELECTION_FORMAT,
+            "version": SELECTION_VERSION,
+            "template": self.template,
+            "candidates": self.candidates,
+            "winners": self.winners,
+            "summary": {name: asdict(s) for name, s in self.summary().items()},
+            "choices": [asdict(c) for c in self.choices],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The result as a JSON string (see [`to_dict`])."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON to `path` atomically (a kill leaves the old file or the new one, never half)."""
+        atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> SelectionResult:
+        """Rebuild a result from [`to_dict`]'s output (the summary is recomputed from the choices)."""
+        if not isinstance(data, Mapping) or data.get("format") != SELECTION_FORMAT:
+            raise ValueError(f"not a class-word selection: expected a JSON object with format={SELECTION_FORMAT!r}")
+        if data.get("version") != SELECTION_VERSION:
+            raise ValueError(f"selection file version {data.get('version')!r} is not supported (this pole_hf reads "
+                             f"version {SELECTION_VERSION}): re-run the selection")
+        try:
+            candidates = {str(k): [str(w) for w in v] for k, v in data["candidates"].items()}
+            choices = [WordChoice(image=int(c["image"]), image_id=c.get("image_id"), class_name=str(c["class_name"]),
+                                  word=str(c["word"]),
+                                  probabilities={str(w): float(p) for w, p in c["probabilities"].items()})
+                       for c in data["choices"]]
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(f"malformed selection data ({type(err).__name__}: {err}): re-run the selection") from err
+        return cls(candidates=candidates, template=str(data.get("template", SELECTION_TEMPLATE)), choices=choices)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SelectionResult:
+        """Read a result written by [`save`]."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"selection file {os.fspath(path)!r} is not valid JSON ({err}): re-run the selection") \
+                from err
+        return cls.from_dict(data)
+
+
+def resolve_candidates(model, candidates: Mapping[str, str | Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """Candidate words per class of `model`, in class order.
+
+    Args:
+        model: a [`PolePromptModel`] (its `config.class_names` and `config.class_words` are used).
+        candidates: `{class_name: [words]}` (a single string counts as one word). Classes left out keep their
+            current word as sole candidate. `None`: POLE's VOC synonyms when every class name is a VOC class,
+            otherwise each class's current word.
+
+    Raises:
+        ValueError: unknown class names, or a class with no non-empty candidate.
+        TypeError: `candidates` is not a dict.
+    """
+    names = list(model.config.class_names)
+    current = dict(zip(names, model.config.class_words))
+    if candidates is None:
+        if set(names) <= set(VOC_SYNONYMS):
+            return {n: list(VOC_SYNONYMS[n]) for n in names}
+        return {n: [current[n]] for n in names}
+    if not isinstance(candidates, Mapping):
+        raise TypeError(f"candidates must be a dict {{class_name: [words]}}, got a {type(candidates).__name__}")
+    unknown = sorted(set(candidates) - set(names))
+    if unknown:
+        raise ValueError(f"candidates name unknown classes {unknown}; known classes: {names}")
+    out = {}
+    for name in names:
+        words = candidates.get(name, [current[name]])
+        words = [words] if isinstance(words, str) else list(words)
+        words = list(dict.fromkeys(str(w).strip() for w in words if str(w).strip()))
+        if not words:
+            raise ValueError(f"class {name!r} has no candidate words: give at least one non-empty word")
+        out[name] = words
+    return out
+
+
+def class_indices_of(labels, class_names: Sequence[str]) -> list[int]:
+    """An image's labels (an index, a name, or a sequence of them) as unique class indices, in given order."""
+    if isinstance(labels, (torch.Tensor, np.ndarray)):
+        labels = labels.tolist()
+    if isinstance(labels, (int, np.integer, str)):
+        labels = [labels]
+    out = []
+    for label in labels:
+        if isinstance(label, str):
+            if label not in class_names:
+                raise ValueError(f"unknown class name {label!r}; known classes: {list(class_names)}")
+            index = class_names.index(label)
+        else:
+            index = int(label)
+            if not 0 <= index < len(class_names):
+                raise ValueError(f"class index {index} is out of range for {len(class_names)} classes")
+        if index not in out:
+            out.append(index)
+    return out
+
+
+def clip_input_size(model, processor=None) -> tuple[int, int]:
+    """CLIP's input size `(height, width)`: the processor's crop size, else the vision config's `image_size`."""
+    crop = getattr(processor, "crop_size", None)
+    if isinstance(crop, Mapping) and "height" in crop and "width" in crop:
+        return int(crop["height"]), int(crop["width"])
+    size = model.clip.config.vision_config.image_size
+    return int(size), int(size)
+
+
+def masked_pixel_values(image: Image.Image, cams: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:
+    """CAM-masked copies of one image, ready for CLIP: ``[k, 3, h, w]``.
+
+    The image is resized (bicubic) to `size` and scaled to [0, 1]; the CAMs ``[k, H, W]`` (any size) are resized
+    (bilinear) to `size` and clipped to [0, 1]; each masked image ``cam * image`` is normalised with `mean`/`std`.
+    """
+    height, width = size
+    resized = image.resize((width, height), Image.BICUBIC) if image.size != (width, height) else image
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    maps = torch.as_tensor(cams, dtype=torch.float32).detach().cpu()
+    if maps.ndim != 3:
+        raise ValueError(f"CAMs of one image must have shape [k, H, W], got {tuple(maps.shape)}")
+    maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False).clamp(0, 1)
+    mean = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (maps * pixels[None] - mean) / std
+
+
+def _pooled(output) -> torch.Tensor:
+    """Projected features from `CLIPModel.get_*_features` (an output object in transformers 5, a tensor before)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@torch.no_grad()
+def candidate_text_features(model, candidates: Mapping[str, Sequence[str]], template: str) -> dict[str, torch.Tensor]:
+    """L2-normalised base-CLIP features of `template.format(word)` for every candidate, `{class: [n, D]}`.
+
+    All sentences go through the base CLIP's text tower in one batch.
+    """
+    if template.count("{}") != 1:
+        raise ValueError(f"selection template {template!r} must contain exactly one '{{}}' for the word")
+    if model.tokenizer is None:
+        raise ValueError("this model has no tokenizer: load it with from_pretrained or pass tokenizer=")
+    sentences = [template.format(w) for words in candidates.values() for w in words]
+    inputs = model.tokenizer(sentences, padding=True, return_tensors="pt")
+    if inputs["input_ids"].shape[1] > model.max_text_length:
+        longest = max(sentences, key=lambda s: len(model.tokenizer(s).input_ids))
+        raise ValueError(f"candidate sentence {longest!r} is longer than the text model's {model.max_text_length} "
+                         "tokens: use shorter candidate words or template")
+    device = model.clip.device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    features = F.normalize(_pooled(model.clip.get_text_features(**inputs)).float(), dim=-1)
+    out, start = {}, 0
+    for name, words in candidates.items():
+        out[name] = features[start: start + len(words)]
+        start += len(words)
+    return out
+
+
+def _unpack(item, position: int):
+    """``(image, labels, image_id or None)`` from a tuple item or a dataset row (``image``, ``labels``, ``image_id``)."""
+    if isinstance(item, Mapping) and "image" in item and "labels" in item:
+        image_id = item.get("image_id", item.get("id"))
+        return item["image"], item["labels"], None if image_id is None else str(image_id)
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+        return item[0], item[1], None if len(item) == 2 or item[2] is None else str(item[2])
+    raise ValueError(f"item {position} must be (image, labels), (image, labels, image_id) or a dict with 'image' and "
+                     f"'labels', got {type(item).__name__}")
+
+
+def select_class_words(model, images_and_labels: Iterable, candidates: Mapping[str, Sequence[str]] | None = None,
+                       processor=None, template: str = SELECTION_TEMPLATE, cams: Sequence | None = None,
+                       batch_size: int = 32, logit_scale: float | None = None, progress: bool = True,
+                       **cam_kwargs) -> SelectionResult:
+    """POLE's class-token selection over a dataset.
+
+    Args:
+        model: a [`PolePromptModel`]; its CAMs (when `cams` is not given) and its base CLIP are used, nothing in it
+            changes (call `result.apply(model)` to adopt the winners).
+        images_and_labels: `(image, labels)` or `(image, labels, image_id)` items, or dataset rows with `image`,
+            `labels` and optionally `image_id` (a `datasets.Dataset` of `pole_hf.data`); `image` a PIL image, path
+            or array; `labels` a class index (into `model.config.class_names`) or name, or a sequence of them.
+        candidates: `{class_name: [words]}`; see [`resolve_candidates`] for the default and the rules.
+        processor: the base's image processor (`image_mean`, `image_std`, `crop_size`); `None` uses CLIP's
+            normalisation and the vision config's `image_size`.
+        template: the scoring sentence (POLE's `"A photo of {}."`).
+        cams: optional precomputed CAMs aligned with the items: per image a `[k, H, W]` array or tensor (or an object
+            with `.cams`) in the order of that image's labels, any size. Default: [`CamEngine`] on the current prompts.
+        batch_size: masked images per vision forward.
+        logit_scale: softmax temperature multiplier; default `model.logit_scale()`.
+        progress: show a tqdm progress bar.
+        **cam_kwargs: passed to [`CamEngine.__call__`] (`scales`, `flip`, `refine`, ...).
+
+    Returns:
+        [`SelectionResult`] with one [`WordChoice`] per (image, class) and the per-class summary.
+    """
+    from .cam import CamEngine
+
+    names = list(model.config.class_names)
+    words = resolve_candidates(model, candidates)
+    mean = OPENAI_CLIP_MEAN if getattr(processor, "image_mean", None) is None else list(processor.image_mean)
+    std = OPENAI_CLIP_STD if getattr(processor, "image_std", None) is None else list(processor.image_std)
+    size = clip_input_size(model, processor)
+    norm = SimpleNamespace(image_mean=mean, image_std=std)
+    scale = float(model.logit_scale()) if logit_scale is None else float(logit_scale)
+    text = candidate_text_features(model, words, template)
+    engine = CamEngine(model) if cams is None else None
+    result = SelectionResult(candidates=words, template=template)
+    pending: list[tuple[int, str | None, str, torch.Tensor]] = []
+
+    def flush():
+        if not pending:
+            return
+        batch = torch.cat([p[3] for p in pending]).to(model.clip.device, model.clip.dtype)
+        with torch.no_grad():
+            features = F.normalize(_pooled(model.clip.get_image_features(pixel_values=batch)).float(), dim=-1)
+        for (image_pos, image_id, name, _), feature in zip(pending, features):
+            probs = (scale * feature @ text[name].t()).softmax(-1).cpu().tolist()
+            result.choices.append(WordChoice(image_pos, image_id, name, words[name][int(np.argmax(probs))],
+                                             dict(zip(words[name], probs))))
+        pending.clear()
+
+    total = len(images_and_labels) if hasattr(images_and_labels, "__len__") else None
+    for position, item in enumerate(tqdm(images_and_labels, total=total, disable=not progress, desc="selection")):
+        image, labels, image_id = _unpack(item, position)
+        indices = class_indices_of(labels, names)
+        scored = [i for i in indices if len(words[names[i]]) > 1]
+        for i in indices:  # a single candidate wins without scoring
+            if len(words[names[i]]) == 1:
+                result.choices.append(WordChoice(position, image_id, names[i], words[names[i]][0],
+                                                 {words[names[i]][0]: 1.0}))
+        if not scored:
+            continue
+        image = load_image(image)
+        if cams is None:
+            maps = engine(image, norm, scored, **cam_kwargs).cams
+        else:
+            maps = getattr(cams[position], "cams", cams[position])
+            maps = maps.detach().float().cpu() if isinstance(maps, torch.Tensor) else torch.as_tensor(
+                np.asarray(maps, dtype=np.float32))
+            if maps.ndim == 2:
+                maps = maps[None]
+            if maps.shape[0] != len(indices):
+                raise ValueError(f"cams[{position}] has {maps.shape[0]} maps for {len(indices)} labels: give one map "
+                                 "per label, in label order")
+            maps = maps[[indices.index(i) for i in scored]]
+        masked = masked_pixel_values(image, maps, size, mean, std)
+        for row, i in enumerate(scored):
+            pending.append((position, image_id, names[i], masked[row: row + 1]))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    result.choices.sort(key=lambda c: (c.image, names.index(c.class_name)))
+    return result
+
+
+__all__ = [
+    "ClassSummary",
+    "SelectionResult",
+    "WordChoice",
+    "candidate_text_features",
+    "class_indices_of",
+    "clip_input_size",
+    "masked_pixel_values",
+    "resolve_candidates",
+    "select_class_words",
+]
