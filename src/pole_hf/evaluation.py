@@ -298,3 +298,54 @@ def load_mean_iou_metric(**kwargs):
     import evaluate
 
     return evaluate.load(_METRIC_DIR, **kwargs)
+
+
+def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0, 2.0), thresholds=None,
+                  refine: bool = False, progress: bool = True, class_names: Sequence[str] | None = None) -> dict:
+    """CAM mIoU of a `PolePromptModel` over a dataset with masks, CLIP-ES style: ground-truth labels as targets,
+    background `(1 - max cam) ** t` for each power (and fixed thresholds when given); the best setting is reported.
+
+    Args:
+        model: the prompt model.
+        dataset: a `datasets.Dataset` from `pole_hf.data` with `image`, `labels` and `mask`.
+        processor: the base's image processor (loaded from the model's base when omitted).
+        powers: background powers to sweep.
+        thresholds: fixed background thresholds to sweep too (e.g. `np.arange(0.1, 0.9, 0.05)`).
+        refine: class-aware attention affinity.
+        progress: show a tqdm bar.
+        class_names: names for the table (default: the model's classes).
+
+    Returns:
+        dict with `miou` (best), `bg_power` or `bg_threshold`, `per_class_iou`, `curve`, `skipped` ids, `table`.
+    """
+    from tqdm.auto import tqdm
+
+    from .cam import CamEngine
+    from .data.spec import iter_examples
+    from .pipeline_pole import load_image_processor
+
+    processor = processor or load_image_processor(model)
+    engine = CamEngine(model)
+    num_labels = model.config.num_classes + 1
+    sweeps = [ThresholdSweep(num_labels, powers, mode="power")]
+    if thresholds is not None:
+        sweeps.append(ThresholdSweep(num_labels, thresholds, mode="threshold"))
+    skipped = []
+    for example in tqdm(iter_examples(dataset), total=len(dataset), disable=not progress, desc="CAM mIoU"):
+        if example.image is None or example.mask is None:
+            skipped.append(example.id)
+            continue
+        labels = sorted(set(example.labels))
+        if labels:
+            cams = engine(example.image, processor, labels, refine=refine).cams.numpy()
+        else:
+            cams = np.zeros((0, *example.mask.shape), np.float32)
+        for sweep in sweeps:
+            sweep.update(cams, [i + 1 for i in labels], example.mask)
+    best = max(((sweep, *sweep.best()) for sweep in sweeps), key=lambda item: item[2])
+    sweep, value, miou = best
+    matrix = sweep.matrices[sweep.thresholds.index(value)]
+    names = ["background", *(class_names or model.config.class_names)]
+    key = "bg_power" if sweep.mode == "power" else "bg_threshold"
+    return {"miou": float(miou), key: value, "per_class_iou": dict(zip(names, map(float, matrix.iou()))),
+            "curve": {s.mode: s.curve() for s in sweeps}, "skipped": skipped, "table": matrix.as_table(names)}

@@ -1,0 +1,243 @@
+"""POLE prompt class learning with accelerate: optional class-word selection, then class-token learning.
+
+    accelerate launch examples/train_pole.py --dataset voc:/data/VOCdevkit/VOC2012 \
+        --base openai/clip-vit-base-patch16 --output_dir out/
+    accelerate launch --cpu --num_processes 2 examples/train_pole.py --dataset synthetic --output_dir out/
+
+Each step: CAMs of the current prompts (detached) for every (image, label) pair, CAM-masked foreground and
+background images, POLE's OTM + BTM + CBS loss; gradients reach only the class tokens (and the optional context and
+adapters). The global batch is split across processes (`split_batches`), and each process's loss is scaled by its
+share of the global pairs, so gradients summed over processes equal the one-process gradient of the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from pole_hf import CamEngine, PolePromptModel
+from pole_hf.bundled import TINY_CLIP
+from pole_hf.data.spec import SPEC_HELP, class_names_of, iter_examples, load_dataset_spec
+from pole_hf.images import pixel_values as to_pixel_values
+from pole_hf.objective import PoleObjective
+from pole_hf.pipeline_pole import load_image_processor
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="POLE prompt class learning")
+    parser.add_argument("--dataset", default="synthetic", help=SPEC_HELP)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--num_images", type=int, default=None, help="first N training images")
+    parser.add_argument("--eval_split", default=None, help="evaluate CAM mIoU on this split")
+    parser.add_argument("--eval_images", type=int, default=50)
+    parser.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    parser.add_argument("--base", default=None, help="base CLIP id or folder (default: the bundled tiny CLIP)")
+    parser.add_argument("--prompts", default=None, help="start from saved prompts instead of the class names")
+    parser.add_argument("--class_words", default=None, help="JSON {class: word} for the initial prompt words")
+    parser.add_argument("--background_words", nargs="*", default=None)
+    parser.add_argument("--class_token_length", type=int, default=1)
+    parser.add_argument("--learn_context", action="store_true")
+    parser.add_argument("--use_adapters", action="store_true")
+    parser.add_argument("--select", action="store_true", help="POLE word selection before learning")
+    parser.add_argument("--select_images", type=int, default=100)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--train_batch_size", type=int, default=8, help="global batch size")
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--lr_scheduler_type", default="cosine")
+    parser.add_argument("--num_warmup_steps", type=int, default=0)
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument("--max_train_steps", type=int, default=None)
+    parser.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps")
+    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report_to", default=None, help="accelerate tracker, e.g. tensorboard")
+    parser.add_argument("--cpu", action="store_true")
+    return parser.parse_args(argv)
+
+
+class PixelDataset(torch.utils.data.Dataset):
+    """Images resized to the CLIP input size, with their class indices; unreadable images are skipped."""
+
+    def __init__(self, dataset, processor, size: tuple[int, int]):
+        self.items = []
+        self.skipped = []
+        for example in iter_examples(dataset):
+            if example.image is None:
+                self.skipped.append(example.id)
+                continue
+            pixels = to_pixel_values(example.image, size, processor.image_mean, processor.image_std)[0]
+            self.items.append((pixels, sorted(set(example.labels))))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def collate(batch):
+    return torch.stack([pixels for pixels, _ in batch]), [labels for _, labels in batch]
+
+
+def build_model(args, class_names):
+    if args.prompts:
+        return PolePromptModel.from_pretrained(args.prompts)
+    options = dict(class_token_length=args.class_token_length, learn_context=args.learn_context,
+                   use_adapters=args.use_adapters)
+    if args.class_words:
+        options["class_words"] = json.loads(args.class_words)
+    if args.background_words is not None:
+        options["background_words"] = args.background_words
+    elif args.dataset.startswith("synthetic"):
+        from pole_hf.data import SyntheticWorld
+
+        options["background_words"] = SyntheticWorld().background_kinds
+    return PolePromptModel.from_clip(args.base or TINY_CLIP, class_names=class_names, **options)
+
+
+def pair_count(labels) -> int:
+    return sum(len(item) for item in labels)
+
+
+def training_function(args) -> dict:
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.report_to,
+                              project_dir=args.output_dir,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True,
+                                                                        use_seedable_sampler=True))
+    set_seed(args.seed)
+    train_set = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed)
+    class_names = class_names_of(train_set)
+    model = build_model(args, class_names).to(accelerator.device)
+    processor = load_image_processor(model)
+    size = model.clip.config.vision_config.image_size
+    selection = None
+    if args.select:
+        from pole_hf.selection import select_class_words
+
+        subset = train_set.select(range(min(args.select_images, len(train_set))))
+        selection = select_class_words(model, subset, processor=processor, progress=accelerator.is_main_process)
+        selection.apply(model)
+    data = PixelDataset(train_set, processor, (size, size))
+    loader = DataLoader(data, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
+    params = model.learnable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(loader))
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    epochs = math.ceil(max_steps / steps_per_epoch)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
+                              num_training_steps=max_steps)
+    # the frozen CLIP is not wrapped in DDP: gradients of the few prompt tensors are summed by hand below
+    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    accelerator.register_for_checkpointing(model.prompt_learner)
+    for adapter in (model.visual_adapter, model.text_adapter):
+        if adapter is not None:
+            accelerator.register_for_checkpointing(adapter)
+    if args.report_to:
+        accelerator.init_trackers("pole", config={k: v for k, v in vars(args).items() if v is not None})
+    objective = PoleObjective()
+    engine = CamEngine(model)
+    step, start_epoch, skip = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" \
+            else args.resume_from_checkpoint
+        if path:
+            accelerator.load_state(path)
+            model._text_cache.clear()
+            step = int(os.path.basename(path).split("_")[-1])
+            start_epoch, skip = divmod(step, steps_per_epoch)
+    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, desc="POLE")
+    history = []
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if epoch == start_epoch and skip else loader
+        for pixels, labels in batches:
+            if step >= max_steps:
+                break
+            cams = [engine.grid_cams(pixels[i:i + 1], labels[i])[0] if labels[i] else
+                    pixels.new_zeros(0, 1, 1) for i in range(len(labels))]
+            total_pairs = accelerator.reduce(torch.tensor(pair_count(labels), device=accelerator.device), "sum")
+            with accelerator.autocast():
+                out = objective(model, pixels, cams, labels)
+            share = pair_count(labels) / max(int(total_pairs), 1)
+            loss = share * (objective.weights["otm"] * out.otm + objective.weights["btm"] * out.btm) \
+                + objective.weights["cbs"] * out.cbs
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower --learning_rate; the last "
+                                         f"checkpoint in {args.output_dir} is intact")
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            for param in params:
+                if param.grad is not None:
+                    param.grad = accelerator.reduce(param.grad, "sum")
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            logs = {"loss": accelerator.reduce(loss.detach(), "sum").item(), "otm": out.otm.item(),
+                    "btm": out.btm.item(), "cbs": out.cbs.item(), "lr": scheduler.get_last_lr()[0]}
+            history.append(logs)
+            accelerator.log(logs, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.3f}")
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint_{step}"))
+            if args.eval_every and step % args.eval_every == 0 and accelerator.is_main_process:
+                accelerator.log({"cam_miou": evaluate(args, model, processor)}, step=step)
+        skip = 0
+    accelerator.wait_for_everyone()
+    result = {"steps": step, "history": history}
+    if accelerator.is_main_process:
+        result["cam_miou"] = evaluate(args, model, processor) if args.eval_split else None
+        save_outputs(args, model, selection, result)
+    accelerator.end_training()
+    return result
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    if not os.path.isdir(output_dir):
+        return None
+    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint_") and d.split("_")[-1].isdigit()]
+    return os.path.join(output_dir, max(found, key=lambda d: int(d.split("_")[-1]))) if found else None
+
+
+def evaluate(args, model, processor) -> float | None:
+    if not args.eval_split:
+        return None
+    from pole_hf.evaluation import evaluate_cams
+
+    data = load_dataset_spec(args.dataset, split=args.eval_split, num_images=args.eval_images, seed=args.seed)
+    return evaluate_cams(model, data, processor=processor, progress=False)["miou"]
+
+
+def save_outputs(args, model, selection, result) -> None:
+    from pole_hf.hub import PoleEvalResult, render_model_card
+    from pole_hf.vocab import POLE_LOSS_WEIGHTS
+
+    model.save_pretrained(args.output_dir)
+    if selection is not None:
+        selection.save(os.path.join(args.output_dir, "selection.json"))
+    evals = [PoleEvalResult("cam_miou", 100 * result["cam_miou"], args.dataset.split(":")[0], args.eval_split)] \
+        if result.get("cam_miou") is not None else []
+    training = {"seed": args.seed, "steps": result["steps"], "global batch": args.train_batch_size,
+                "learning rate": args.learning_rate, "loss weights (otm/btm/cbs)": "/".join(
+                    str(POLE_LOSS_WEIGHTS[k]) for k in ("otm", "btm", "cbs"))}
+    card = render_model_card(model, datasets=[args.dataset.split(":")[0]], eval_results=evals, training=training)
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+def main(argv=None):
+    return training_function(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
