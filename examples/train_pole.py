@@ -190,7 +190,7 @@ def training_function(args) -> dict:
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.3f}")
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                accelerator.save_state(os.path.join(args.output_dir, f"checkpoint_{step}"))
+                save_checkpoint(accelerator, args.output_dir, step)
             if args.eval_every and step % args.eval_every == 0 and accelerator.is_main_process:
                 accelerator.log({"cam_miou": evaluate(args, model, processor)}, step=step)
         skip = 0
@@ -201,6 +201,17 @@ def training_function(args) -> dict:
         save_outputs(args, model, selection, result)
     accelerator.end_training()
     return result
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int) -> None:
+    """`save_state` into a temporary folder, renamed when complete: a kill never leaves a partial checkpoint."""
+    final = os.path.join(output_dir, f"checkpoint_{step}")
+    partial = final + ".partial"
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
