@@ -60,17 +60,22 @@ def cmd_eval(args) -> None:
 
 def cmd_select(args) -> None:
     from .data.spec import load_dataset_spec
-    from .selection import select_for_dataset
+    from .pipeline_pole import load_image_processor
+    from .selection import select_class_words
 
     model = _model(args.model)
     dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed)
-    candidates = json.load(open(args.candidates)) if args.candidates else None
-    result = select_for_dataset(model, dataset, candidates=candidates, progress=not args.quiet)
+    candidates = None
+    if args.candidates:
+        with open(args.candidates, encoding="utf-8") as f:
+            candidates = json.load(f)
+    result = select_class_words(model, dataset, candidates=candidates, processor=load_image_processor(model),
+                                progress=not args.quiet)
     os.makedirs(args.out, exist_ok=True)
     result.save(os.path.join(args.out, "selection.json"))
     result.apply(model)
     model.save_pretrained(args.out)
-    print(json.dumps(result.winners(), indent=2))
+    print(json.dumps(result.winners, indent=2))
 
 
 def cmd_train(args, extra: list[str]) -> None:
