@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pole_hf import CamEngine, PolePromptModel
-from pole_hf.atomic import atomic_path, atomic_write_text
+from pole_hf.atomic import atomic_path, atomic_write_text, remove_partial_files
 from pole_hf.data.spec import SPEC_HELP, class_names_of, iter_examples, load_dataset_spec
 from pole_hf.evaluation import ConfusionMatrix
 from pole_hf.masks import cams_to_mask, image_to_mask, mask_to_image
@@ -68,13 +68,18 @@ def main(argv=None) -> dict:
     model = PolePromptModel.from_pretrained(args.model or TINY_PROMPTS).to(accelerator.device)
     processor = load_image_processor(model)
     engine = CamEngine(model)
-    dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed)
+    dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
+                                class_names=model.config.class_names)
     names = class_names_of(dataset)
     if names != model.config.class_names:
         raise SystemExit(f"the dataset's classes {names} differ from the model's {model.config.class_names}")
     cam_dir, mask_dir = os.path.join(args.output_dir, "cams"), os.path.join(args.output_dir, "masks")
     os.makedirs(cam_dir, exist_ok=True)
     os.makedirs(mask_dir, exist_ok=True)
+    if accelerator.is_main_process:
+        for folder in (cam_dir, mask_dir):
+            remove_partial_files(folder)
+    accelerator.wait_for_everyone()
     shard = range(accelerator.process_index, len(dataset), accelerator.num_processes)
     matrix = ConfusionMatrix(len(names) + 1)
     done = computed = 0

@@ -12,6 +12,8 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["hub_fixtures"]
+
 TINY_BACKGROUND = ["grass", "sky", "water"]
 
 

@@ -49,7 +49,8 @@ def cmd_eval(args) -> None:
     from .evaluation import evaluate_cams
 
     model = _model(args.model)
-    dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed)
+    dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
+                                class_names=model.config.class_names)
     result = evaluate_cams(model, dataset, refine=args.refine, progress=not args.quiet)
     print(result["table"])
     print(f"CAM mIoU {100 * result['miou']:.2f} (best background power {result['bg_power']})")
@@ -64,7 +65,8 @@ def cmd_select(args) -> None:
     from .selection import select_class_words
 
     model = _model(args.model)
-    dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed)
+    dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
+                                class_names=model.config.class_names)
     candidates = None
     if args.candidates:
         with open(args.candidates, encoding="utf-8") as f:
@@ -175,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the CLI prints its own progress; keep library chatter out of stderr
+    if args.quiet:
+        hf_logging.disable_progress_bar()
     handlers = {"cam": cmd_cam, "eval": cmd_eval, "select": cmd_select, "push": cmd_push, "pull": cmd_pull,
                 "demo": cmd_demo}
     try:

@@ -17,22 +17,24 @@ SPEC_HELP = "synthetic | voc:/path/VOC2012 | coco:/path/instances.json,/path/ima
 
 
 def load_dataset_spec(spec: str, split: str = "train", num_images: int | None = None, seed: int = 0,
-                      image_size: int = 96) -> datasets.Dataset:
-    """Load a dataset from a spec string (see `SPEC_HELP`); `num_images` keeps the first N examples."""
+                      image_size: int = 96, class_names: list[str] | None = None) -> datasets.Dataset:
+    """Load a dataset from a spec string (see `SPEC_HELP`); `num_images` keeps the first N examples and
+    `class_names` fixes the label order of VOC, COCO and image-folder data (e.g. a model's classes)."""
+    named = {"class_names": class_names} if class_names else {}
     from . import load_coco, load_imagefolder, load_synthetic, load_voc
 
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
         dataset = load_synthetic(num_images=num_images or 200, seed=seed, image_size=image_size, split=split)
     elif kind == "voc":
-        dataset = load_voc(arg, split=split)
+        dataset = load_voc(arg, split=split, **named)
     elif kind == "coco":
         annotation, _, image_dir = arg.partition(",")
         if not image_dir:
             raise ValueError(f"dataset spec {spec!r} needs 'coco:ANNOTATIONS.json,IMAGE_DIR'")
-        dataset = load_coco(annotation, image_dir, with_masks=True)
+        dataset = load_coco(annotation, image_dir, with_masks=True, **named)
     elif kind == "imagefolder":
-        dataset = load_imagefolder(arg, split=split)
+        dataset = load_imagefolder(arg, split=split, **named)
     else:
         raise ValueError(f"unknown dataset spec {spec!r}: use {SPEC_HELP}")
     if num_images is not None and kind != "synthetic":

@@ -1,0 +1,385 @@
+#!/usr/bin/env python
+"""Train the tiny CLIP bundled with pole_hf on the synthetic world, so that CLIP-ES GradCAMs localise its objects.
+
+The model is an ordinary ``CLIPModel`` (ViT patch 8, 4 blocks) with a CLIP-format BPE tokenizer learned from the
+world's words (plus ``pole_hf.tiny.default_words()`` so VOC/COCO prompts tokenize). It is trained for the CAM that
+pole_hf computes: the image feature is the projected mean of the post-layernormed patch tokens (``patch_mean``),
+and the CAM is GradCAM on the last block's ``layer_norm1`` output of the softmax over [classes + background words].
+
+Losses (all on features that inference uses):
+
+* ``clip``: caption-image contrastive loss on the patch-mean feature, with every image of the same label set a
+  positive (soft targets), both directions. Captions are the world's own (skewed words: "stripes" 70%, "zebra" 5%).
+* ``image``: softmax over word prompts ``"a photo of a {word}."`` (every class word and background word) of the
+  patch-mean feature; target = the words the caption used for the image's classes and the image's background word,
+  weighted by their pixel share. The other synonyms of present classes are left out of the softmax.
+* ``patch``: the same softmax per patch token (projected post-layernormed token), target from the mask's pixel
+  shares in that patch: the caption's word for a class, the background word for background. This is an auxiliary
+  patch-level signal derived from the synthetic masks; it keeps patch tokens class-specific so GradCAM localises.
+  Its word targets are the caption's words, so rare names ("zebra") are trained only as often as captions use them.
+
+Usage::
+
+    python examples/train_tiny_clip.py --output_dir src/pole_hf/assets/tiny-clip --steps 3000
+
+The script evaluates on held-out images (split "test"): zero-shot exact-set accuracy (caption retrieval over all
+label sets of 1-3 classes) and CAM mIoU (background included) with the official class names and with the frequent
+caption words, through ``PolePromptModel.from_clip`` and ``CamEngine``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from pole_hf.data.synthetic import BACKGROUND_PHRASES, CAPTION_TEMPLATES, SyntheticWorld, generate
+from pole_hf.tiny import BASE_WORDS, default_words, save_clip_tokenizer
+
+TEMPLATE = "a photo of a {}."  # PoleConfig's default template: word prompts are trained exactly as inference uses them
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def make_data(num_images: int, seed: int, image_size: int, split: str, world: SyntheticWorld):
+    images = np.zeros((num_images, image_size, image_size, 3), np.uint8)
+    masks = np.zeros((num_images, image_size, image_size), np.uint8)
+    labels, captions, backgrounds = [], [], []
+    for i, sample in enumerate(tqdm(generate(num_images, seed=seed, image_size=image_size, split=split, world=world),
+                                    total=num_images, desc=f"generate {split}", mininterval=5)):
+        images[i], masks[i] = sample["image"], sample["mask"]
+        labels.append(tuple(sample["labels"]))
+        captions.append(sample["caption"])
+        backgrounds.append(sample["background"])
+    return {"images": images, "masks": masks, "labels": labels, "captions": captions, "backgrounds": backgrounds}
+
+
+def tokenizer_words(world: SyntheticWorld) -> list[str]:
+    """World words (repeated so BPE makes each one token) + templates + background phrases + default words."""
+    words = []
+    for spec_words in world.words.values():
+        words.extend(w for w, _ in spec_words)
+    phrases = list(CAPTION_TEMPLATES) + list(BACKGROUND_PHRASES.values()) + [TEMPLATE, "and"]
+    for phrase in phrases:
+        words.extend(phrase.replace("{}", " ").replace(".", " ").split())
+    words.extend(world.background_kinds)
+    words = words * 50 + list(BASE_WORDS) * 10 + default_words()
+    return words
+
+
+def build_model(vocab_size: int, bos: int, eos: int, args) -> CLIPModel:
+    text = dict(vocab_size=vocab_size, hidden_size=args.text_width, intermediate_size=4 * args.text_width,
+                num_hidden_layers=args.text_layers, num_attention_heads=4, max_position_embeddings=args.max_length,
+                bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    vision = dict(image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.width,
+                  intermediate_size=4 * args.width, num_hidden_layers=args.layers, num_attention_heads=4)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=args.projection_dim)
+    return CLIPModel(config)
+
+
+def tokenize(tokenizer, texts, max_length):
+    out = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return out["input_ids"], out["attention_mask"]
+
+
+def text_features(model: CLIPModel, ids, attn):
+    out = model.text_model(input_ids=ids, attention_mask=attn)
+    return model.text_projection(out.pooler_output)
+
+
+def patch_features(model: CLIPModel, pixels):
+    """Projected post-layernormed patch tokens [B, N, P] (their mean is the patch_mean image feature)."""
+    hidden = model.vision_model(pixel_values=pixels).last_hidden_state
+    return model.visual_projection(model.vision_model.post_layernorm(hidden[:, 1:]))
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train(args, world, data, tokenizer, model, mean, std):
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    class_words = [[w for w, _ in world.words[name]] for name in world.class_names]
+    word_list = [w for ws in class_words for w in ws] + world.background_kinds
+    word_index = {w: i for i, w in enumerate(word_list)}
+    word_class = {w: c for c, ws in enumerate(class_words) for w in ws}
+    num_words = len(word_list)
+    # per-class mask over words: the synonyms of class c
+    synonyms = torch.zeros(len(class_words), num_words, dtype=torch.bool)
+    for c, ws in enumerate(class_words):
+        for w in ws:
+            synonyms[c, word_index[w]] = True
+    word_ids, word_attn = tokenize(tokenizer, [TEMPLATE.format(w) for w in word_list], args.max_length)
+
+    n = len(data["captions"])
+    cap_ids, cap_attn = tokenize(tokenizer, data["captions"], args.max_length)
+    set_ids = {s: i for i, s in enumerate(sorted(set(data["labels"])))}
+    label_set = torch.tensor([set_ids[s] for s in data["labels"]])
+    # caption word of each present class -> word index; background word index
+    used_word = torch.full((n, len(class_words)), -1, dtype=torch.long)
+    for i, caption in enumerate(data["captions"]):
+        for token in caption.replace(",", " ").split():
+            if token in word_class:
+                used_word[i, word_class[token]] = word_index[token]
+    bg_word = torch.tensor([word_index[b] for b in data["backgrounds"]])
+    images = torch.from_numpy(data["images"])  # uint8 [n, H, W, 3]
+    masks = torch.from_numpy(data["masks"]).long()
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    p = args.patch_size
+    grid = args.image_size // p
+
+    model.train()
+    decay = [q for name, q in model.named_parameters() if q.ndim >= 2 and "embedding" not in name]
+    no_decay = [q for name, q in model.named_parameters() if not (q.ndim >= 2 and "embedding" not in name)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps,
+                                                    pct_start=0.1, anneal_strategy="cos")
+    start = time.time()
+    log = []
+    bar = tqdm(range(args.steps), desc="train", mininterval=10)
+    for step in bar:
+        idx = torch.from_numpy(rng.choice(n, size=args.batch_size, replace=False))
+        img = images[idx].permute(0, 3, 1, 2).float() / 255.0
+        msk = masks[idx]
+        # label-preserving flips (stripes stay horizontal/vertical; the diagonal class has both diagonals)
+        if rng.random() < 0.5:
+            img, msk = img.flip(-1), msk.flip(-1)
+        if rng.random() < 0.5:
+            img, msk = img.flip(-2), msk.flip(-2)
+        pixels = (img - mean_t) / std_t
+        b = len(idx)
+
+        # word targets per pixel class: 0 -> background word, c+1 -> caption word of class c
+        lookup = torch.cat([bg_word[idx, None], used_word[idx]], dim=1)  # [b, 9]
+        share = F.one_hot(msk, len(class_words) + 1).float()  # [b, H, W, 9]
+        share = share.view(b, grid, p, grid, p, -1).mean(dim=(2, 4)).view(b, grid * grid, -1)  # [b, N, 9]
+        safe = lookup.clamp_min(0)
+        patch_target = torch.zeros(b, grid * grid, num_words)
+        patch_target.scatter_add_(2, safe[:, None, :].expand(-1, grid * grid, -1), share)
+        # leave the other synonyms of present classes out of the softmax
+        present = (lookup[:, 1:] >= 0)  # [b, C]
+        excluded = (present.float() @ synonyms.float()) > 0  # [b, W]
+        used = (F.one_hot(safe[:, 1:], num_words).bool() & present[:, :, None]).any(1)
+        excluded &= ~used
+
+        feats = patch_features(model, pixels)  # [b, N, P]
+        image_feat = F.normalize(feats.mean(1), dim=-1)
+        patch_feat = F.normalize(feats, dim=-1)
+        words_feat = F.normalize(text_features(model, word_ids, word_attn), dim=-1)
+        caps_feat = F.normalize(text_features(model, cap_ids[idx], cap_attn[idx]), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+
+        neg = torch.finfo(feats.dtype).min / 4
+        word_logits = scale * image_feat @ words_feat.t()
+        word_logits = word_logits.masked_fill(excluded, neg)
+        image_target = patch_target.mean(1)
+        loss_image = -(image_target * word_logits.log_softmax(-1)).sum(-1).mean()
+
+        patch_logits = args.patch_scale * patch_feat @ words_feat.t()
+        patch_logits = patch_logits.masked_fill(excluded[:, None, :], neg)
+        loss_patch = -(patch_target * patch_logits.log_softmax(-1)).sum(-1).mean()
+
+        sim = scale * image_feat @ caps_feat.t()
+        same = (label_set[idx][:, None] == label_set[idx][None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss_clip = 0.5 * (-(target * sim.log_softmax(1)).sum(1).mean() - (target * sim.t().log_softmax(1)).sum(1).mean())
+
+        loss = loss_clip + args.image_weight * loss_image + args.patch_weight * loss_patch
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0 or step == args.steps - 1:
+            entry = dict(step=step, loss=loss.item(), clip=loss_clip.item(), image=loss_image.item(),
+                         patch=loss_patch.item(), scale=scale.item(), minutes=(time.time() - start) / 60)
+            log.append(entry)
+            bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "step"})
+            if step % 500 == 0:
+                print(json.dumps(entry), flush=True)
+    model.eval()
+    return log, time.time() - start
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def exact_set_accuracy(model, tokenizer, world, data, processor, words, max_length):
+    """Caption retrieval over every label set of 1-3 classes, captions 'a photo of A and B' with ``words``."""
+    sets = [s for k in (1, 2, 3) for s in itertools.combinations(range(len(world.class_names)), k)]
+    texts = []
+    for s in sets:
+        names = [words[c] for c in s]
+        texts.append("a photo of " + (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]))
+    ids, attn = tokenize(tokenizer, texts, max_length)
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    correct = 0
+    with torch.no_grad():
+        tf = F.normalize(text_features(model, ids, attn), dim=-1)
+        for start in range(0, len(data["labels"]), 100):
+            img = torch.from_numpy(data["images"][start:start + 100]).permute(0, 3, 1, 2).float() / 255.0
+            f = F.normalize(patch_features(model, (img - mean) / std).mean(1), dim=-1)
+            pred = (f @ tf.t()).argmax(1).tolist()
+            correct += sum(sets[p] == tuple(t) for p, t in zip(pred, data["labels"][start:start + 100]))
+    return correct / len(data["labels"])
+
+
+def cam_eval(model_dir, world, data, class_words, refine=False):
+    """CAM mIoU (9 labels, background included) with ground-truth labels; power {1, 2} and threshold sweeps."""
+    from pole_hf.cam import CamEngine
+    from pole_hf.evaluation import ThresholdSweep
+    from pole_hf.modeling_pole import PolePromptModel
+
+    clip = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir)
+    processor = CLIPImageProcessor.from_pretrained(model_dir)
+    pole = PolePromptModel.from_clip(clip, class_names=world.class_names, class_words=class_words,
+                                     background_words=world.background_kinds, tokenizer=tokenizer).eval()
+    engine = CamEngine(pole)
+    num_labels = len(world.class_names) + 1
+    power = ThresholdSweep(num_labels, (1.0, 2.0), mode="power")
+    thresholds = [round(t, 2) for t in np.arange(0.1, 0.91, 0.05)]
+    thresh = ThresholdSweep(num_labels, thresholds, mode="threshold")
+    for image, mask, labels in zip(data["images"], data["masks"], data["labels"]):
+        out = engine(Image.fromarray(image), processor, class_indices=list(labels), refine=refine)
+        cams = out.cams.numpy()
+        ids = [c + 1 for c in labels]
+        power.update(cams, ids, mask)
+        thresh.update(cams, ids, mask)
+    results = {}
+    for name, sweep in (("power", power), ("threshold", thresh)):
+        value, miou = sweep.best()
+        matrix = sweep.matrices[sweep.thresholds.index(value)]
+        results[name] = {"value": value, "miou": float(miou), "iou": [float(x) for x in matrix.iou()]}
+    return results
+
+
+def evaluate(model_dir, world, data, max_length, out_json=None):
+    clip = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir)
+    processor = CLIPImageProcessor.from_pretrained(model_dir)
+    official = list(world.class_names)
+    frequent = [world.frequent_word(c) for c in world.class_names]
+    report = {"num_images": len(data["labels"])}
+    report["acc_official"] = exact_set_accuracy(clip, tokenizer, world, data, processor, official, max_length)
+    report["acc_frequent"] = exact_set_accuracy(clip, tokenizer, world, data, processor, frequent, max_length)
+    report["cam_official"] = cam_eval(model_dir, world, data, official)
+    report["cam_frequent"] = cam_eval(model_dir, world, data, frequent)
+    names = ["background"] + official
+    lines = [f"held-out images: {report['num_images']}",
+             f"zero-shot exact-set accuracy (retrieval over 92 label sets): official names "
+             f"{100 * report['acc_official']:.1f}%, frequent words {100 * report['acc_frequent']:.1f}%"]
+    for rule in ("power", "threshold"):
+        o, f = report["cam_official"][rule], report["cam_frequent"][rule]
+        lines.append(f"\nCAM mIoU, best background {rule}: official {100 * o['miou']:.1f}% (at {o['value']}), "
+                     f"frequent {100 * f['miou']:.1f}% (at {f['value']}), gap {100 * (f['miou'] - o['miou']):+.1f}")
+        lines.append("| class | official word | IoU | frequent word | IoU | gap |")
+        lines.append("|---|---|---:|---|---:|---:|")
+        for k, name in enumerate(names):
+            ow = "-" if k == 0 else official[k - 1]
+            fw = "-" if k == 0 else frequent[k - 1]
+            lines.append(f"| {name} | {ow} | {100 * o['iou'][k]:.1f} | {fw} | {100 * f['iou'][k]:.1f} | "
+                         f"{100 * (f['iou'][k] - o['iou'][k]):+.1f} |")
+    table = "\n".join(lines)
+    print(table, flush=True)
+    if out_json:
+        with open(out_json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return report, table
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def folder_size_mb(path):
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
+
+
+def save(model, tokenizer_dir, output_dir, image_size, mean, std, fp16=True):
+    os.makedirs(output_dir, exist_ok=True)
+    to_save = model.half() if fp16 else model
+    to_save.save_pretrained(output_dir)
+    model.float()
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(output_dir, name))
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size},
+                                   image_mean=[float(x) for x in mean], image_std=[float(x) for x in std])
+    processor.save_pretrained(output_dir)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output_dir", default="tiny-clip")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--patch_size", type=int, default=8)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--text_width", type=int, default=128)
+    parser.add_argument("--text_layers", type=int, default=4)
+    parser.add_argument("--projection_dim", type=int, default=128)
+    parser.add_argument("--max_length", type=int, default=32)
+    parser.add_argument("--num_merges", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--patch_weight", type=float, default=1.0)
+    parser.add_argument("--image_weight", type=float, default=0.5)
+    parser.add_argument("--patch_scale", type=float, default=10.0, help="fixed logit scale of the patch loss")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_train_images", type=int, default=30000)
+    parser.add_argument("--eval_images", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--log_dir", default=None, help="where to write train_log.json and eval.json")
+    parser.add_argument("--eval_only", action="store_true", help="evaluate the model in --output_dir")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    world = SyntheticWorld()
+    test = make_data(args.eval_images, args.seed, args.image_size, "test", world)
+    if args.eval_only:
+        evaluate(args.output_dir, world, test, args.max_length,
+                 os.path.join(args.log_dir, "eval.json") if args.log_dir else None)
+        return
+
+    train_data = make_data(args.num_train_images, args.seed, args.image_size, "train", world)
+    pixels = train_data["images"][: min(5000, args.num_train_images)].reshape(-1, 3).astype(np.float64) / 255.0
+    mean, std = pixels.mean(0).round(4).tolist(), pixels.std(0).round(4).tolist()
+
+    import tempfile
+    tok_dir = tempfile.mkdtemp(prefix="tinyclip_tok_")
+    tokenizer = save_clip_tokenizer(tok_dir, tokenizer_words(world), args.num_merges, model_max_length=args.max_length)
+    for w in [w for ws in world.words.values() for w, _ in ws] + world.background_kinds:
+        pieces = tokenizer.tokenize(w)
+        if len(pieces) != 1:
+            print(f"note: word {w!r} is {len(pieces)} tokens: {pieces}")
+    model = build_model(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, args)
+    print(f"vocab {len(tokenizer)}, parameters {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M", flush=True)
+
+    log, seconds = train(args, world, train_data, tokenizer, model, mean, std)
+    print(f"training took {seconds / 60:.1f} min for {args.steps} steps", flush=True)
+    save(model, tok_dir, args.output_dir, args.image_size, mean, std)
+    print(f"saved {args.output_dir}: {folder_size_mb(args.output_dir):.2f} MB", flush=True)
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+        with open(os.path.join(args.log_dir, "train_log.json"), "w") as fh:
+            json.dump({"args": vars(args), "seconds": seconds, "log": log}, fh)
+    evaluate(args.output_dir, world, test, args.max_length,
+             os.path.join(args.log_dir, "eval.json") if args.log_dir else None)
+
+
+if __name__ == "__main__":
+    main()

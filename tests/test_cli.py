@@ -1,0 +1,83 @@
+"""`pole-hf` subcommands run for real; exit codes 0/1/2 with one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pole_hf.cli import main
+
+
+@pytest.fixture()
+def world_prompts(tiny_clip_dir, tmp_path):
+    from pole_hf import PolePromptModel
+    from pole_hf.data import SyntheticWorld
+
+    world = SyntheticWorld()
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=world.class_names,
+                                      background_words=world.background_kinds)
+    model.save_pretrained(tmp_path / "prompts")
+    return str(tmp_path / "prompts")
+
+
+def test_help_on_every_subcommand(capsys):
+    for command in ("demo", "cam", "select", "train", "eval", "push", "pull"):
+        assert main([command, "--help"]) == 0
+        assert "usage: pole-hf" in capsys.readouterr().out
+
+
+def test_usage_error_exits_2(capsys):
+    assert main(["cam"]) == 2
+    assert main(["no-such-command"]) == 2
+
+
+def test_cam_writes_maps_masks_overlays(world_prompts, tmp_path, capsys):
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(image)
+    assert main(["--quiet", "cam", str(image), "--model", world_prompts, "--labels", "zebra", "dots",
+                 "--out", str(tmp_path / "out")]) == 0
+    cams = np.load(tmp_path / "out" / "img_cams.npy", allow_pickle=False)
+    assert cams.shape == (2, 40, 48)
+    assert Image.open(tmp_path / "out" / "img_mask.png").mode == "P"
+    assert Image.open(tmp_path / "out" / "img_overlay.png").size == (48, 40)
+    assert "zebra" in capsys.readouterr().out
+
+
+def test_cam_bad_image_is_one_line_exit_1(world_prompts, tmp_path, capsys):
+    missing = tmp_path / "missing.jpg"
+    assert main(["--quiet", "cam", str(missing), "--model", world_prompts, "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing.jpg" in err and err.startswith("pole-hf cam: error:")
+
+
+def test_eval_and_select(world_prompts, tmp_path, capsys):
+    result = tmp_path / "eval.json"
+    assert main(["--quiet", "eval", "--model", world_prompts, "--dataset", "synthetic", "--num_images", "4",
+                 "--out", str(result)]) == 0
+    data = json.loads(result.read_text())
+    assert 0 <= data["miou"] <= 1 and "background" in data["per_class_iou"]
+    candidates = tmp_path / "candidates.json"
+    candidates.write_text(json.dumps({"zebra": ["zebra", "stripes"], "fence": ["fence", "bars"]}))
+    out = tmp_path / "selected"
+    assert main(["--quiet", "select", "--model", world_prompts, "--dataset", "synthetic", "--num_images", "6",
+                 "--candidates", str(candidates), "--out", str(out)]) == 0
+    selection = json.loads((out / "selection.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["class_words"][0] in ("zebra", "stripes") and selection
+
+
+def test_train_delegates_to_the_script(world_prompts, tmp_path):
+    out = tmp_path / "trained"
+    assert main(["train", "--", "--dataset", "synthetic", "--num_images", "4", "--prompts", world_prompts,
+                 "--max_train_steps", "2", "--train_batch_size", "2", "--output_dir", str(out), "--cpu"]) == 0
+    assert (out / "model.safetensors").is_file()
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "pole_hf", "--help"], capture_output=True, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+    assert result.returncode == 0 and "demo" in result.stdout

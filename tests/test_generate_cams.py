@@ -1,0 +1,109 @@
+"""examples/generate_cams.py: outputs, resumption, bad images skipped, 2-process sharding, SIGKILL safety."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "generate_cams.py")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+@pytest.fixture()
+def world_prompts(tiny_clip_dir, tmp_path):
+    from pole_hf import PolePromptModel
+    from pole_hf.data import SyntheticWorld
+
+    world = SyntheticWorld()
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=world.class_names,
+                                      background_words=world.background_kinds)
+    model.save_pretrained(tmp_path / "prompts")
+    return str(tmp_path / "prompts")
+
+
+def launch(args, processes=1, wait=True):
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 \
+        else [sys.executable]
+    command = [*prefix, SCRIPT, "--cpu", *args]
+    if not wait:
+        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(open(os.path.join(args[args.index("--output_dir") + 1], "summary.json")).read())
+
+
+def outputs(folder):
+    cams = {f: np.load(os.path.join(folder, "cams", f), allow_pickle=False)
+            for f in sorted(os.listdir(os.path.join(folder, "cams")))}
+    masks = {f: np.asarray(Image.open(os.path.join(folder, "masks", f)))
+             for f in sorted(os.listdir(os.path.join(folder, "masks")))}
+    return cams, masks
+
+
+def test_outputs_resume_and_two_processes(world_prompts, tmp_path):
+    args = ["--model", world_prompts, "--dataset", "synthetic", "--num_images", "8"]
+    one = launch([*args, "--output_dir", str(tmp_path / "one")])
+    assert one["computed"] == 8 and one["skipped"] == 0 and 0 <= one["miou"] <= 1
+    cams, masks = outputs(tmp_path / "one")
+    assert len(cams) == 8 and len(masks) == 8
+    first = cams["000000.npy"]
+    assert first.dtype == np.float16 and first.ndim == 3
+    os.remove(tmp_path / "one" / "cams" / "000003.npy")
+    again = launch([*args, "--output_dir", str(tmp_path / "one")])
+    assert (again["resumed"], again["computed"]) == (7, 1) and again["miou"] == pytest.approx(one["miou"])
+    two = launch([*args, "--output_dir", str(tmp_path / "two")], processes=2)
+    assert two["computed"] == 8 and two["miou"] == pytest.approx(one["miou"], abs=1e-6)
+    cams_two, masks_two = outputs(tmp_path / "two")
+    assert sorted(cams_two) == sorted(cams)
+    for name in cams:
+        np.testing.assert_allclose(cams_two[name].astype(np.float32), cams[name].astype(np.float32), atol=2e-3)
+
+
+def test_bad_images_are_logged_and_skipped(world_prompts, tmp_path):
+    from pole_hf.data import SyntheticWorld
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "broken.png").write_bytes(b"not an image at all")
+    (folder / "empty.jpg").write_bytes(b"")
+    names = SyntheticWorld().class_names
+    with open(folder / "metadata.jsonl", "w") as f:
+        for name in ("a.png", "b.png", "broken.png", "empty.jpg"):
+            f.write(json.dumps({"file_name": name, "labels": [names[0]]}) + "\n")
+    summary = launch(["--model", world_prompts, "--dataset", f"imagefolder:{folder}",
+                      "--output_dir", str(tmp_path / "out")])
+    assert summary["computed"] == 2 and summary["skipped"] == 2
+
+
+def test_sigkill_then_resume_matches_a_straight_run(world_prompts, tmp_path):
+    args = ["--model", world_prompts, "--dataset", "synthetic", "--num_images", "60", "--refine"]
+    launch([*args, "--output_dir", str(tmp_path / "straight")])
+    killed = tmp_path / "killed"
+    process = launch([*args, "--output_dir", str(killed)], wait=False)
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if (killed / "masks").is_dir() and len(os.listdir(killed / "masks")) >= 10:
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    launch([*args, "--output_dir", str(killed)])
+    cams, masks = outputs(tmp_path / "straight")
+    cams_k, masks_k = outputs(killed)
+    assert sorted(cams_k) == sorted(cams) and sorted(masks_k) == sorted(masks)  # no temporary leftovers
+    for name in cams:
+        np.testing.assert_array_equal(cams_k[name], cams[name])
+    for name in masks:
+        np.testing.assert_array_equal(masks_k[name], masks[name])
