@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -158,42 +159,48 @@ def training_function(args) -> dict:
             start_epoch, skip = divmod(step, steps_per_epoch)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, desc="POLE")
     history = []
-    for epoch in range(start_epoch, epochs):
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if epoch == start_epoch and skip else loader
-        for pixels, labels in batches:
-            if step >= max_steps:
-                break
-            cams = [engine.grid_cams(pixels[i:i + 1], labels[i])[0] if labels[i] else
-                    pixels.new_zeros(0, 1, 1) for i in range(len(labels))]
-            total_pairs = accelerator.reduce(torch.tensor(pair_count(labels), device=accelerator.device), "sum")
-            with accelerator.autocast():
-                out = objective(model, pixels, cams, labels)
-            share = pair_count(labels) / max(int(total_pairs), 1)
-            loss = share * (objective.weights["otm"] * out.otm + objective.weights["btm"] * out.btm) \
-                + objective.weights["cbs"] * out.cbs
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower --learning_rate; the last "
-                                         f"checkpoint in {args.output_dir} is intact")
-            optimizer.zero_grad()
-            accelerator.backward(loss)
-            for param in params:
-                if param.grad is not None:
-                    param.grad = accelerator.reduce(param.grad, "sum")
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            logs = {"loss": accelerator.reduce(loss.detach(), "sum").item(), "otm": out.otm.item(),
-                    "btm": out.btm.item(), "cbs": out.cbs.item(), "lr": scheduler.get_last_lr()[0]}
-            history.append(logs)
-            accelerator.log(logs, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.3f}")
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, step)
-            if args.eval_every and step % args.eval_every == 0 and accelerator.is_main_process:
-                accelerator.log({"cam_miou": evaluate(args, model, processor)}, step=step)
-        skip = 0
+    try:
+        for epoch in range(start_epoch, epochs):
+            loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if epoch == start_epoch and skip else loader
+            for pixels, labels in batches:
+                if step >= max_steps:
+                    break
+                cams = [engine.grid_cams(pixels[i:i + 1], labels[i])[0] if labels[i] else
+                        pixels.new_zeros(0, 1, 1) for i in range(len(labels))]
+                total_pairs = accelerator.reduce(torch.tensor(pair_count(labels), device=accelerator.device), "sum")
+                with accelerator.autocast():
+                    out = objective(model, pixels, cams, labels)
+                share = pair_count(labels) / max(int(total_pairs), 1)
+                loss = share * (objective.weights["otm"] * out.otm + objective.weights["btm"] * out.btm) \
+                    + objective.weights["cbs"] * out.cbs
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1}: lower --learning_rate; the last "
+                                             f"checkpoint in {args.output_dir} is intact")
+                optimizer.zero_grad()
+                accelerator.backward(loss)
+                for param in params:
+                    if param.grad is not None:
+                        param.grad = accelerator.reduce(param.grad, "sum")
+                optimizer.step()
+                if not all(torch.isfinite(param).all() for param in params):
+                    raise FloatingPointError(f"the prompt tensors became NaN/Inf at step {step + 1}: lower "
+                                             f"--learning_rate; the last checkpoint in {args.output_dir} is intact")
+                scheduler.step()
+                step += 1
+                logs = {"loss": accelerator.reduce(loss.detach(), "sum").item(), "otm": out.otm.item(),
+                        "btm": out.btm.item(), "cbs": out.cbs.item(), "lr": scheduler.get_last_lr()[0]}
+                history.append(logs)
+                accelerator.log(logs, step=step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss']:.3f}")
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args.output_dir, step)
+                if args.eval_every and step % args.eval_every == 0 and accelerator.is_main_process:
+                    accelerator.log({"cam_miou": evaluate(args, model, processor)}, step=step)
+            skip = 0
+    finally:
+        progress.close()
     accelerator.wait_for_everyone()
     result = {"steps": step, "history": history}
     if accelerator.is_main_process:
@@ -247,7 +254,11 @@ def save_outputs(args, model, selection, result) -> None:
 
 
 def main(argv=None):
-    return training_function(parse_args(argv))
+    try:
+        return training_function(parse_args(argv))
+    except FloatingPointError as err:
+        print(f"train_pole.py: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

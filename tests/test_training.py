@@ -1,6 +1,7 @@
 """examples/train_pole.py under accelerate: loss goes down, 1 and 2 processes agree, kills resume exactly."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,3 +85,28 @@ def test_killed_run_resumes_to_the_same_tokens(world_base, tmp_path):
     assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
     run([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
     torch.testing.assert_close(tokens(killed), tokens(tmp_path / "straight"), atol=1e-6, rtol=0)
+
+
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(world_base, tmp_path):
+    # linear warm-up from 0: step 1 moves nothing (a good checkpoint), step 2's huge rate overflows the tokens
+    args = [*COMMON[:-2], "--base", world_base, "--output_dir", str(tmp_path), "--max_train_steps", "6",
+            "--checkpointing_steps", "1", "--learning_rate", "1e38", "--lr_scheduler_type", "linear",
+            "--num_warmup_steps", "1000", "--cpu"]
+    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    match = re.match(r"train_pole.py: error: the (loss|prompt tensors) became .* at step (\d+): lower", last_line)
+    assert match, last_line
+    failed = int(match.group(2))
+    assert failed >= 2 and not (tmp_path / f"checkpoint_{failed}").exists()
+    assert not (tmp_path / "model.safetensors").exists()
+    for step in range(1, failed):  # every checkpoint written before the failure is complete and finite
+        state = torch.load(tmp_path / f"checkpoint_{step}" / "custom_checkpoint_0.pkl", weights_only=True)
+        assert torch.isfinite(state["class_tokens"]).all()
+
+
+def test_same_seed_same_tokens(world_base, tmp_path):
+    for name in ("a", "b"):
+        run([*COMMON, "--base", world_base, "--output_dir", str(tmp_path / name), "--max_train_steps", "3"])
+    assert torch.equal(tokens(tmp_path / "a"), tokens(tmp_path / "b"))
