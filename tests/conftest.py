@@ -50,6 +50,19 @@ def tiny_model(tiny_clip_dir):
                                      background_words=TINY_BACKGROUND)
 
 
+@pytest.fixture()
+def world_prompts(tiny_clip_dir, tmp_path):
+    """Prompts for the synthetic world's 8 classes on the random tiny CLIP, saved in a folder."""
+    from pole_hf import PolePromptModel
+    from pole_hf.data import SyntheticWorld
+
+    world = SyntheticWorld()
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=world.class_names,
+                                      background_words=world.background_kinds)
+    model.save_pretrained(tmp_path / "prompts")
+    return str(tmp_path / "prompts")
+
+
 @pytest.fixture(scope="session")
 def vit_b16_clip(tiny_tokenizer):
     """A random-init CLIP of OpenAI ViT-B/16's shape (built, never downloaded), for size and shape checks."""

@@ -26,8 +26,18 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from hub_server_store import DEFAULT_LFS_PATTERNS, Commit, HubError, HubStore, Repo
-from hub_server_store import commit_json, info_json, preupload_json, refs_json, split_revision
+from hub_server_store import (
+    DEFAULT_LFS_PATTERNS,
+    Commit,
+    HubError,
+    HubStore,
+    Repo,
+    commit_json,
+    info_json,
+    preupload_json,
+    refs_json,
+    split_revision,
+)
 
 _PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}

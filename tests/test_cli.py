@@ -6,22 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from pole_hf.cli import main
-
-
-@pytest.fixture()
-def world_prompts(tiny_clip_dir, tmp_path):
-    from pole_hf import PolePromptModel
-    from pole_hf.data import SyntheticWorld
-
-    world = SyntheticWorld()
-    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=world.class_names,
-                                      background_words=world.background_kinds)
-    model.save_pretrained(tmp_path / "prompts")
-    return str(tmp_path / "prompts")
 
 
 def test_help_on_every_subcommand(capsys):

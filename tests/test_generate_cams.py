@@ -16,17 +16,6 @@ SCRIPT = os.path.join(ROOT, "examples", "generate_cams.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
-@pytest.fixture()
-def world_prompts(tiny_clip_dir, tmp_path):
-    from pole_hf import PolePromptModel
-    from pole_hf.data import SyntheticWorld
-
-    world = SyntheticWorld()
-    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=world.class_names,
-                                      background_words=world.background_kinds)
-    model.save_pretrained(tmp_path / "prompts")
-    return str(tmp_path / "prompts")
-
 
 def launch(args, processes=1, wait=True):
     prefix = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),

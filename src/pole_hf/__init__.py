@@ -5,10 +5,10 @@ Importing the package registers the ``"pole"`` model type with transformers' Aut
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_pole import PoleConfig
-from .modeling_pole import PoleModelOutput, PolePromptModel
 from .bundled import TINY_CLIP, TINY_PROMPTS
 from .cam import CamEngine, CamOutput
+from .configuration_pole import PoleConfig
+from .modeling_pole import PoleModelOutput, PolePromptModel
 
 __version__ = "0.1.0"
 
