@@ -149,9 +149,17 @@ class CamEngine:
             text = model.get_text_features()
             hidden, attention = self._prefix(pixels.to(model.clip.dtype), caa_layers)
         last = model.clip.vision_model.encoder.layers[-1]
+        attn = last.self_attn
+        with torch.no_grad():
+            target = last.layer_norm1(hidden)  # GradCAM's activations
+            projections = [proj(target) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
         with torch.enable_grad():
-            target = last.layer_norm1(hidden).detach().requires_grad_(True)
-            attended = hidden + last.self_attn(target, attention_mask=None)[0]
+            # q, k, v are the gradient leaves: d/d(target) = sum of dq Wq + dk Wk + dv Wv, and GradCAM only needs its
+            # mean over patch tokens, so the three [T, D] x [D, D] products per class shrink to [D] x [D, D]
+            leaves = [p.detach().requires_grad_(True) for p in projections]
+            q, k_, v = (x.view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for x in leaves)
+            mixed = F.scaled_dot_product_attention(q, k_, v, scale=attn.scale).transpose(1, 2).reshape(target.shape)
+            attended = hidden + attn.out_proj(mixed)
             tokens = attended + last.mlp(last.layer_norm2(attended))
             features = F.normalize(model.image_features_from_tokens(tokens), dim=-1)
             logits = model.logit_scale() * features @ text.t().to(features.dtype)
@@ -163,11 +171,12 @@ class CamEngine:
             softmax_set = torch.cat([indices, torch.arange(num_classes, logits.shape[-1], device=logits.device)])
             probs = logits[0, softmax_set].float().softmax(-1)[: len(indices)]
             k = len(indices)
-            grads = torch.autograd.grad(probs, target, grad_outputs=torch.eye(k, dtype=probs.dtype,
-                                                                               device=probs.device),
-                                        is_grads_batched=True)[0]  # [k, 1, T, D]
-        activations = target.detach()[0, 1:].float()  # [N, D]
-        weights = grads[:, 0, 1:].float().mean(1)  # [k, D]
+            grads = torch.autograd.grad(probs, leaves, grad_outputs=torch.eye(k, dtype=probs.dtype,
+                                                                              device=probs.device),
+                                        is_grads_batched=True)  # each [k, 1, T, D]
+        activations = target[0, 1:].float()  # [N, D]
+        weights = sum(grad[:, 0, 1:].float().mean(1) @ proj.weight.float()
+                      for grad, proj in zip(grads, (attn.q_proj, attn.k_proj, attn.v_proj)))  # [k, D]
         cams = torch.relu(weights @ activations.t()).view(k, grid_h, grid_w)
         cams = minmax(cams)
         if refine:
