@@ -6,7 +6,13 @@ not a class); ``mask`` is an image whose pixel values are ``class index + 1``, 0
 
 from .coco import load_coco
 from .imagefolder import load_imagefolder
-from .synthetic import WORLD_CLASSES, SyntheticWorld, WorldClass, generate, load_synthetic
+from .synthetic import (
+    WORLD_CLASSES,
+    SyntheticWorld,
+    WorldClass,
+    generate,
+    load_synthetic,
+)
 from .voc import load_voc
 
 __all__ = [
