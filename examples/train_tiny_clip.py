@@ -119,6 +119,8 @@ def train(args, world, data, tokenizer, model, mean, std):
         for w in ws:
             synonyms[c, word_index[w]] = True
     word_ids, word_attn = tokenize(tokenizer, [TEMPLATE.format(w) for w in word_list], args.max_length)
+    word_len = int(word_attn.sum(1).max())
+    word_ids, word_attn = word_ids[:, :word_len], word_attn[:, :word_len]
 
     n = len(data["captions"])
     cap_ids, cap_attn = tokenize(tokenizer, data["captions"], args.max_length)
@@ -143,12 +145,51 @@ def train(args, world, data, tokenizer, model, mean, std):
     no_decay = [q for name, q in model.named_parameters() if not (q.ndim >= 2 and "embedding" not in name)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps,
-                                                    pct_start=0.1, anneal_strategy="cos")
+    budget = args.max_minutes * 60 if args.max_minutes else None
+
+    def lr_at(progress):  # one-cycle: 10% linear warm-up, cosine decay to 1% of the peak
+        if progress < 0.1:
+            return args.lr * (0.04 + 0.96 * progress / 0.1)
+        return args.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - 0.1) / 0.9))))
+
     start = time.time()
     log = []
     bar = tqdm(range(args.steps), desc="train", mininterval=10)
+    next_checkpoint = args.checkpoint_minutes * 60 if args.checkpoint_minutes else None
+    # thread auto-tuning (--threads 0): on a shared CPU two OpenMP threads can be 10x slower than one when another
+    # process holds a core; every 100 steps the other setting is tried for 5 steps and the faster one kept
+    auto = args.threads == 0
+    threads, trial, timing = 2, None, {}
+    if auto:
+        torch.set_num_threads(threads)
+    step_start = time.time()
     for step in bar:
+        if auto and step > 0:
+            took = time.time() - step_start
+            timing.setdefault(torch.get_num_threads(), []).append(took)
+            if trial is None and step % 100 == 0:
+                trial, timing = step, {}
+                torch.set_num_threads(3 - threads)
+            elif trial is not None and step == trial + 5:
+                torch.set_num_threads(threads)
+            elif trial is not None and step == trial + 10:
+                mean_time = {t: float(np.median(v[1:])) for t, v in timing.items() if len(v) > 1}
+                if len(mean_time) == 2:
+                    threads = min(mean_time, key=mean_time.get)
+                torch.set_num_threads(threads)
+                trial = None
+        step_start = time.time()
+        elapsed = time.time() - start
+        progress = max(step / args.steps, elapsed / budget if budget else 0.0)
+        if progress >= 1.0:
+            print(f"time budget of {args.max_minutes} min reached at step {step}", flush=True)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(progress)
+        if next_checkpoint and elapsed > next_checkpoint and args.checkpoint_dir:
+            model.half().save_pretrained(args.checkpoint_dir)
+            model.float()
+            next_checkpoint += args.checkpoint_minutes * 60
         idx = torch.from_numpy(rng.choice(n, size=args.batch_size, replace=False))
         img = images[idx].permute(0, 3, 1, 2).float() / 255.0
         msk = masks[idx]
@@ -172,12 +213,15 @@ def train(args, world, data, tokenizer, model, mean, std):
         excluded = (present.float() @ synonyms.float()) > 0  # [b, W]
         used = (F.one_hot(safe[:, 1:], num_words).bool() & present[:, :, None]).any(1)
         excluded &= ~used
+        if args.synonym_negatives:  # plain softmax over all words: p(word | patch) learns the caption frequencies
+            excluded &= False
 
         feats = patch_features(model, pixels)  # [b, N, P]
         image_feat = F.normalize(feats.mean(1), dim=-1)
         patch_feat = F.normalize(feats, dim=-1)
         words_feat = F.normalize(text_features(model, word_ids, word_attn), dim=-1)
-        caps_feat = F.normalize(text_features(model, cap_ids[idx], cap_attn[idx]), dim=-1)
+        cap_len = int(cap_attn[idx].sum(1).max())
+        caps_feat = F.normalize(text_features(model, cap_ids[idx, :cap_len], cap_attn[idx, :cap_len]), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
 
         neg = torch.finfo(feats.dtype).min / 4
@@ -200,17 +244,17 @@ def train(args, world, data, tokenizer, model, mean, std):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        scheduler.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0 or step == args.steps - 1:
-            entry = dict(step=step, loss=loss.item(), clip=loss_clip.item(), image=loss_image.item(),
+            entry = dict(step=step, threads=torch.get_num_threads(), lr=optimizer.param_groups[0]["lr"], loss=loss.item(), clip=loss_clip.item(), image=loss_image.item(),
                          patch=loss_patch.item(), scale=scale.item(), minutes=(time.time() - start) / 60)
             log.append(entry)
             bar.set_postfix({k: round(v, 3) for k, v in entry.items() if k != "step"})
             if step % 500 == 0:
                 print(json.dumps(entry), flush=True)
     model.eval()
+    log.append({"steps_done": step + 1 if progress < 1.0 else step})
     return log, time.time() - start
 
 
@@ -300,6 +344,28 @@ def evaluate(model_dir, world, data, max_length, out_json=None):
     return report, table
 
 
+def roundtrip_check(reference: CLIPModel, model_dir, world, data, num_images=20):
+    """Max |CAM difference| between the in-memory fp32 model and the saved (fp16) folder loaded back in fp32."""
+    from pole_hf.cam import CamEngine
+    from pole_hf.modeling_pole import PolePromptModel
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir)
+    processor = CLIPImageProcessor.from_pretrained(model_dir)
+    loaded = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assert loaded.dtype == torch.float32, loaded.dtype
+    # (from_clip takes base_model_name_or_path only for a model without name_or_path: it raises a duplicate-keyword
+    # TypeError otherwise, so it is given for the in-memory reference only)
+    engines = [CamEngine(PolePromptModel.from_clip(m, class_names=world.class_names,
+                                                   background_words=world.background_kinds, tokenizer=tokenizer,
+                                                   **extra).eval())
+               for m, extra in ((reference.eval(), {"base_model_name_or_path": model_dir}), (loaded, {}))]
+    worst = 0.0
+    for image, labels in zip(data["images"][:num_images], data["labels"][:num_images]):
+        a, b = (e(Image.fromarray(image), processor, class_indices=list(labels)).cams for e in engines)
+        worst = max(worst, float((a - b).abs().max()))
+    return worst
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def folder_size_mb(path):
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
@@ -310,6 +376,15 @@ def save(model, tokenizer_dir, output_dir, image_size, mean, std, fp16=True):
     to_save = model.half() if fp16 else model
     to_save.save_pretrained(output_dir)
     model.float()
+    # weights are stored in fp16 (half the size), but the config says float32 so that a plain
+    # CLIPModel.from_pretrained(dir) (dtype "auto" in transformers 5) computes in fp32 on CPU
+    config_path = os.path.join(output_dir, "config.json")
+    with open(config_path) as fh:
+        config = json.load(fh)
+    config["dtype"] = "float32"
+    with open(config_path, "w") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+        fh.write("\n")
     for name in os.listdir(tokenizer_dir):
         shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(output_dir, name))
     processor = CLIPImageProcessor(size={"shortest_edge": image_size},
@@ -335,21 +410,30 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--patch_weight", type=float, default=1.0)
     parser.add_argument("--image_weight", type=float, default=0.5)
+    parser.add_argument("--synonym_negatives", type=int, default=1,
+                        help="1: the other synonyms of a present class stay in the word softmax (as negatives), so "
+                             "p(word | patch) learns how often captions use each word; 0: leave them out")
     parser.add_argument("--patch_scale", type=float, default=10.0, help="fixed logit scale of the patch loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_train_images", type=int, default=30000)
     parser.add_argument("--eval_images", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval_split", default="test", help="held-out split name (disjoint from 'train')")
+    parser.add_argument("--threads", type=int, default=2, help="0: choose 1 or 2 by timing, re-checked every 100 steps")
+    parser.add_argument("--max_minutes", type=float, default=None,
+                        help="stop after this much training time; the lr schedule follows max(step/steps, time/budget)")
+    parser.add_argument("--checkpoint_minutes", type=float, default=None)
+    parser.add_argument("--checkpoint_dir", default=None)
     parser.add_argument("--log_dir", default=None, help="where to write train_log.json and eval.json")
     parser.add_argument("--eval_only", action="store_true", help="evaluate the model in --output_dir")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or 2)
+    torch.set_flush_denormal(True)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     world = SyntheticWorld()
-    test = make_data(args.eval_images, args.seed, args.image_size, "test", world)
+    test = make_data(args.eval_images, args.seed, args.image_size, args.eval_split, world)
     if args.eval_only:
         evaluate(args.output_dir, world, test, args.max_length,
                  os.path.join(args.log_dir, "eval.json") if args.log_dir else None)
@@ -370,9 +454,15 @@ def main():
     print(f"vocab {len(tokenizer)}, parameters {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M", flush=True)
 
     log, seconds = train(args, world, train_data, tokenizer, model, mean, std)
-    print(f"training took {seconds / 60:.1f} min for {args.steps} steps", flush=True)
+    print(f"training took {seconds / 60:.1f} min for {log[-1]['steps_done']} steps", flush=True)
+    import copy
+    reference = copy.deepcopy(model).float()  # fp32 weights, before the fp16 save
     save(model, tok_dir, args.output_dir, args.image_size, mean, std)
     print(f"saved {args.output_dir}: {folder_size_mb(args.output_dir):.2f} MB", flush=True)
+    diff = roundtrip_check(reference, args.output_dir, world, test)
+    print(f"fp16 folder loaded in fp32 vs trained fp32 model: max |CAM difference| over 20 images = {diff:.4f}",
+          flush=True)
+    del reference
     if args.log_dir:
         os.makedirs(args.log_dir, exist_ok=True)
         with open(os.path.join(args.log_dir, "train_log.json"), "w") as fh:
