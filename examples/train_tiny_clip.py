@@ -140,9 +140,18 @@ def train(args, world, data, tokenizer, model, mean, std):
     p = args.patch_size
     grid = args.image_size // p
 
+    # --patch_targets prototypes: the patch loss scores patch tokens against one learnable prototype per class and per
+    # background kind (a training-only head, not saved), so the text tower learns words only from image-level losses
+    num_slots = len(class_words) + len(world.background_kinds)
+    prototypes = torch.nn.Parameter(0.02 * torch.randn(num_slots, model.config.projection_dim))
+    slot_lookup = torch.cat([torch.tensor([len(class_words) + world.background_kinds.index(b) for b in data["backgrounds"]])[:, None],
+                             torch.arange(len(class_words)).expand(n, -1)], dim=1)  # [n, 9]
+
     model.train()
     decay = [q for name, q in model.named_parameters() if q.ndim >= 2 and "embedding" not in name]
     no_decay = [q for name, q in model.named_parameters() if not (q.ndim >= 2 and "embedding" not in name)]
+    if args.patch_targets == "prototypes":
+        no_decay = no_decay + [prototypes]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.98))
     budget = args.max_minutes * 60 if args.max_minutes else None
@@ -230,9 +239,15 @@ def train(args, world, data, tokenizer, model, mean, std):
         image_target = patch_target.mean(1)
         loss_image = -(image_target * word_logits.log_softmax(-1)).sum(-1).mean()
 
-        patch_logits = args.patch_scale * patch_feat @ words_feat.t()
-        patch_logits = patch_logits.masked_fill(excluded[:, None, :], neg)
-        loss_patch = -(patch_target * patch_logits.log_softmax(-1)).sum(-1).mean()
+        if args.patch_targets == "prototypes":
+            slot_target = torch.zeros(b, grid * grid, num_slots)
+            slot_target.scatter_add_(2, slot_lookup[idx][:, None, :].expand(-1, grid * grid, -1), share)
+            patch_logits = args.patch_scale * patch_feat @ F.normalize(prototypes, dim=-1).t()
+            loss_patch = -(slot_target * patch_logits.log_softmax(-1)).sum(-1).mean()
+        else:
+            patch_logits = args.patch_scale * patch_feat @ words_feat.t()
+            patch_logits = patch_logits.masked_fill(excluded[:, None, :], neg)
+            loss_patch = -(patch_target * patch_logits.log_softmax(-1)).sum(-1).mean()
 
         sim = scale * image_feat @ caps_feat.t()
         same = (label_set[idx][:, None] == label_set[idx][None, :]).float()
@@ -413,6 +428,9 @@ def main():
     parser.add_argument("--synonym_negatives", type=int, default=1,
                         help="1: the other synonyms of a present class stay in the word softmax (as negatives), so "
                              "p(word | patch) learns how often captions use each word; 0: leave them out")
+    parser.add_argument("--patch_targets", choices=("words", "prototypes"), default="words",
+                        help="what the patch loss scores patch tokens against: the word prompts, or learnable "
+                             "per-class/per-background prototypes (the text tower then learns words image-level only)")
     parser.add_argument("--patch_scale", type=float, default=10.0, help="fixed logit scale of the patch loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_train_images", type=int, default=30000)
