@@ -48,8 +48,16 @@ def parse_args(argv=None):
     parser.add_argument("--class_token_length", type=int, default=1)
     parser.add_argument("--learn_context", action="store_true")
     parser.add_argument("--use_adapters", action="store_true")
+    parser.add_argument("--loss_weights", default="10,25,1", help="POLE's OTM,BTM,CBS weights")
+    parser.add_argument("--loss_image_feature", default=None, choices=["pooled", "patch_mean"],
+                        help="image feature of the POLE losses (default: the model's config.image_feature)")
+    parser.add_argument("--cls_weight", type=float, default=0.0,
+                        help="weight of an extra multi-label softmax loss on the whole images (0: POLE's losses only)")
     parser.add_argument("--select", action="store_true", help="POLE word selection before learning")
     parser.add_argument("--select_images", type=int, default=100)
+    parser.add_argument("--candidates", default=None,
+                        help="JSON file {class: [words]} for --select (default: POLE's VOC synonyms for VOC classes, "
+                             "the world's caption words for the synthetic world)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--train_batch_size", type=int, default=8, help="global batch size")
     parser.add_argument("--learning_rate", type=float, default=2e-3)
@@ -107,8 +115,28 @@ def build_model(args, class_names):
     return PolePromptModel.from_clip(args.base or TINY_CLIP, class_names=class_names, **options)
 
 
+def load_candidates(args) -> dict | None:
+    if args.candidates:
+        with open(args.candidates, encoding="utf-8") as f:
+            return json.load(f)
+    if args.dataset.startswith("synthetic"):
+        from pole_hf.data import SyntheticWorld
+
+        return {name: [word for word, _ in words] for name, words in SyntheticWorld().words.items()}
+    return None
+
+
 def pair_count(labels) -> int:
     return sum(len(item) for item in labels)
+
+
+def base_image_size(args) -> int:
+    """The base CLIP's input size (synthetic images are generated at it)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.prompts or args.base or TINY_CLIP)
+    clip = getattr(config, "clip_config", None) or config
+    return clip.vision_config.image_size
 
 
 def training_function(args) -> dict:
@@ -117,7 +145,9 @@ def training_function(args) -> dict:
                               dataloader_config=DataLoaderConfiguration(split_batches=True,
                                                                         use_seedable_sampler=True))
     set_seed(args.seed)
-    train_set = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed)
+    args.image_size = base_image_size(args)
+    train_set = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
+                                  image_size=args.image_size)
     class_names = class_names_of(train_set)
     model = build_model(args, class_names).to(accelerator.device)
     processor = load_image_processor(model)
@@ -127,7 +157,8 @@ def training_function(args) -> dict:
         from pole_hf.selection import select_class_words
 
         subset = train_set.select(range(min(args.select_images, len(train_set))))
-        selection = select_class_words(model, subset, processor=processor, progress=accelerator.is_main_process)
+        selection = select_class_words(model, subset, candidates=load_candidates(args), processor=processor,
+                                       progress=accelerator.is_main_process)
         selection.apply(model)
     data = PixelDataset(train_set, processor, (size, size))
     loader = DataLoader(data, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
@@ -146,7 +177,8 @@ def training_function(args) -> dict:
             accelerator.register_for_checkpointing(adapter)
     if args.report_to:
         accelerator.init_trackers("pole", config={k: v for k, v in vars(args).items() if v is not None})
-    objective = PoleObjective()
+    otm, btm, cbs = (float(w) for w in args.loss_weights.split(","))
+    objective = PoleObjective(weights={"otm": otm, "btm": btm, "cbs": cbs}, image_feature=args.loss_image_feature)
     engine = CamEngine(model)
     step, start_epoch, skip = 0, 0, 0
     if args.resume_from_checkpoint:
@@ -233,7 +265,8 @@ def evaluate(args, model, processor) -> float | None:
         return None
     from pole_hf.evaluation import evaluate_cams
 
-    data = load_dataset_spec(args.dataset, split=args.eval_split, num_images=args.eval_images, seed=args.seed)
+    data = load_dataset_spec(args.dataset, split=args.eval_split, num_images=args.eval_images, seed=0,
+                             image_size=args.image_size, class_names=model.config.class_names)
     return evaluate_cams(model, data, processor=processor, progress=False)["miou"]
 
 
