@@ -14,3 +14,8 @@ TINY_PROMPTS = os.path.join(ASSETS_DIR, "tiny-prompts")
 def has_tiny_clip() -> bool:
     """Whether the bundled tiny CLIP is present in this installation."""
     return os.path.isfile(os.path.join(TINY_CLIP, "config.json"))
+
+
+def is_tiny_clip(path: str | None) -> bool:
+    """Whether `path` is the bundled tiny CLIP's folder (saved configs then refer to it as `None`)."""
+    return bool(path) and os.path.isdir(path) and os.path.samefile(path, TINY_CLIP) if has_tiny_clip() else False

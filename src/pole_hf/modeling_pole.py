@@ -120,7 +120,10 @@ class PolePromptModel(PreTrainedModel):
             if not path:
                 raise ValueError("the CLIP model has no name_or_path to load its tokenizer from: pass tokenizer=...")
             tokenizer = load_base_tokenizer(path, revision=revision)
-        config = PoleConfig(base_model_name_or_path=path, base_model_revision=revision,
+        from .bundled import is_tiny_clip
+
+        reference = None if is_tiny_clip(path) else path  # the bundled CLIP is referred to as None, not a local path
+        config = PoleConfig(base_model_name_or_path=reference, base_model_revision=revision,
                             clip_config=copy.deepcopy(clip_model.config), class_names=list(class_names), **config_options)
         return cls(config, clip_model=clip_model, tokenizer=tokenizer)
 
