@@ -36,8 +36,13 @@ def resolve_base_path(path: str | None) -> str:
 
 
 def load_base_clip(path: str | None, revision: str | None = None, subfolder: str = "", **hub_kwargs) -> CLIPModel:
-    """Load the base `CLIPModel` from a Hub id or local folder (honours the cache and `HF_HUB_OFFLINE=1`)."""
+    """Load the base `CLIPModel` from a Hub id or local folder (honours the cache and `HF_HUB_OFFLINE=1`).
+
+    Weights load in float32 unless `dtype=` is given (a folder stored in fp16, like the bundled tiny CLIP, would
+    otherwise compute in fp16 under transformers 5's `dtype="auto"`).
+    """
     path = resolve_base_path(path)
+    hub_kwargs.setdefault("dtype", torch.float32)
     try:
         model = CLIPModel.from_pretrained(path, revision=revision, subfolder=subfolder, **hub_kwargs)
     except OSError as err:

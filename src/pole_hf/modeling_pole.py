@@ -115,7 +115,8 @@ class PolePromptModel(PreTrainedModel):
             clip_model = load_base_clip(path, revision=revision)
         else:
             clip_model = clip_model_or_path
-            path = clip_model.config.name_or_path or config_options.pop("base_model_name_or_path", None) or None
+            given = config_options.pop("base_model_name_or_path", None)
+            path = given or clip_model.config.name_or_path or None
         if tokenizer is None:
             if not path:
                 raise ValueError("the CLIP model has no name_or_path to load its tokenizer from: pass tokenizer=...")
