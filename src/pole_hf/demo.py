@@ -74,7 +74,7 @@ def bar_chart(rows: dict[str, dict[str, float]], path: str, title: str) -> None:
 
 
 def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | None = None, seed: int = 7,
-             progress: bool = True) -> dict:
+             progress: bool = True, selection_images: int = 60) -> dict:
     """Run the demo and write `results.json`, `iou.png` and overlays into `output_dir`; returns the results."""
     from .data import load_synthetic
     from .evaluation import evaluate_cams
@@ -86,7 +86,7 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
           f"({num_images} held-out images). For a real CLIP, use PolePromptModel.from_clip('openai/clip-vit-base-"
           "patch16', class_names=...) and pipeline('pole-cam', model=...) on your own images.")
     os.makedirs(output_dir, exist_ok=True)
-    built = demo_models(base, progress=progress)
+    built = demo_models(base, selection_images=selection_images, progress=progress)
     models = built["models"]
     first = next(iter(models.values()))
     size = first.clip.config.vision_config.image_size

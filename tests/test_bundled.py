@@ -1,0 +1,53 @@
+"""The tiny CLIP and the learned prompts shipped in the package, and the offline demo on them."""
+
+import json
+import os
+
+import numpy as np
+import torch
+from transformers import CLIPModel, pipeline
+
+from pole_hf import TINY_CLIP, TINY_PROMPTS, PolePromptModel
+from pole_hf.data import SyntheticWorld, load_synthetic
+
+
+def folder_size(path):
+    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+
+
+def test_bundled_clip_loads_in_float32_and_is_small():
+    model = CLIPModel.from_pretrained(TINY_CLIP)
+    assert model.dtype == torch.float32
+    assert folder_size(TINY_CLIP) <= 15 * 2**20
+    assert model.config.vision_config.patch_size == 8
+
+
+def test_bundled_prompts_refer_to_the_bundled_clip():
+    config = json.load(open(os.path.join(TINY_PROMPTS, "config.json")))
+    assert config["base_model_name_or_path"] is None  # the bundled CLIP, wherever the package is installed
+    assert config["class_names"] == SyntheticWorld().class_names
+    assert folder_size(TINY_PROMPTS) < 100_000
+    model = PolePromptModel.from_pretrained(TINY_PROMPTS)
+    assert model.config.class_words != model.config.class_names  # POLE changed some words
+
+
+def test_bundled_pipeline_localises_objects():
+    pipe = pipeline("pole-cam", model=TINY_PROMPTS)
+    item = load_synthetic(num_images=1, seed=11, image_size=64, split="test")[0]
+    names = SyntheticWorld().class_names
+    labels = [names[i] for i in sorted(set(item["labels"]))]
+    out = pipe(item["image"], labels=labels)
+    truth, predicted = np.asarray(item["mask"]), np.asarray(out["mask"])
+    assert (truth == predicted).mean() > 0.6  # far above chance for 1-3 objects on a textured background
+
+
+def test_demo_runs_offline(tmp_path, capsys):
+    from pole_hf.demo import run_demo
+
+    results = run_demo(str(tmp_path), num_images=4, progress=False, selection_images=8)
+    assert set(results) == {"official names", "selected words", "learned tokens"}
+    for variant in results.values():
+        assert 0 <= variant["cam_miou"] <= 100 and 0 <= variant["mask_miou"] <= 100
+    assert (tmp_path / "iou.png").is_file() and (tmp_path / "overlay_0.png").is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["table"].startswith("| class |")
+    assert "runs offline on the tiny CLIP bundled" in capsys.readouterr().out
