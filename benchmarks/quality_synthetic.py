@@ -55,8 +55,8 @@ def main(argv=None):
     body = (f"`python benchmarks/quality_synthetic.py --num_images {args.num_images} --seed {args.seed}` on "
             f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
             f"{time.strftime('%Y-%m-%d')}, {seconds:.0f} s. Bundled tiny CLIP; held-out split `test`, seed "
-            f"{args.seed}; CAM IoU per class (%), background power searched over {{1, 2}}; pseudo masks = CAA-refined "
-            f"CAMs.\n\n{table}\n\nGain over the official names (CAM mIoU points): "
+            f"{args.seed}; CAM IoU per class (%), background power searched over {{1, 2}}; pseudo masks = dense CRF on "
+            f"the CAM scores (CLIP-ES's settings).\n\n{table}\n\nGain over the official names (CAM mIoU points): "
             + ", ".join(f"{v} {g:+.1f}" for v, g in gains.items())
             + f".\n\nSelected words: {json.dumps(words)}")
     print(body)

@@ -44,6 +44,15 @@ def demo_models(base: str | None = None, selection_images: int = 60, progress: b
     return {"models": models, "selection": result}
 
 
+def crf_available() -> bool:
+    """Whether the optional dense CRF (`pip install pole_hf[crf]`) is installed."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def bar_chart(rows: dict[str, dict[str, float]], path: str, title: str) -> None:
     """Grouped bars of per-class IoU (%) per variant, drawn with PIL."""
     variants = list(rows)
@@ -92,10 +101,12 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
     size = first.clip.config.vision_config.image_size
     heldout = load_synthetic(num_images=num_images, seed=seed, image_size=size, split="test")
     processor = load_image_processor(first)
+    use_crf = crf_available()
     results = {}
     for variant, model in models.items():
         cam = evaluate_cams(model, heldout, processor=processor, progress=progress)
-        mask = evaluate_cams(model, heldout, processor=processor, refine=True, progress=progress)
+        mask = evaluate_cams(model, heldout, processor=processor, crf=use_crf, refine=not use_crf,
+                             progress=progress)
         results[variant] = {"cam_miou": 100 * cam["miou"], "mask_miou": 100 * mask["miou"],
                             "cam_iou": {k: 100 * v for k, v in cam["per_class_iou"].items()},
                             "words": dict(zip(model.config.class_names, model.config.class_words))}
@@ -105,8 +116,9 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
     for name in classes:
         lines.append(f"| {name} | " + " | ".join(f"{r['cam_iou'][name]:.1f}" for r in results.values()) + " |")
     lines.append("| **CAM mIoU** | " + " | ".join(f"**{r['cam_miou']:.1f}**" for r in results.values()) + " |")
-    lines.append("| **pseudo-mask mIoU (CAA)** | " + " | ".join(f"**{r['mask_miou']:.1f}**" for r in
-                                                                  results.values()) + " |")
+    how = "CRF" if use_crf else "CAA; install pole_hf[crf] for CRF"
+    lines.append(f"| **pseudo-mask mIoU ({how})** | " + " | ".join(f"**{r['mask_miou']:.1f}**" for r in
+                                                                   results.values()) + " |")
     table = "\n".join(lines)
     print(table)
     print("selected words:", json.dumps(built["selection"].winners))

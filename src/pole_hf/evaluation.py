@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .masks import IGNORE_ID, cams_to_mask
+from .masks import IGNORE_ID, cams_to_mask, class_scores, crf_refine, scores_to_mask
 
 _METRIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "mean_iou")
 
@@ -227,10 +227,12 @@ class ThresholdSweep:
         thresholds: The background values to try (e.g. `np.arange(0, 1, 0.05)` or `(1, 2)` for power).
         mode: `"threshold"` or `"power"`.
         ignore_index: Target label to leave out.
+        crf: Refine each setting's scores with a dense CRF (CLIP-ES's pseudo masks) before the argmax.
     """
 
     def __init__(
-        self, num_classes: int, thresholds: Sequence[float], mode: str = "threshold", ignore_index: int = IGNORE_ID
+        self, num_classes: int, thresholds: Sequence[float], mode: str = "threshold", ignore_index: int = IGNORE_ID,
+        crf: bool = False,
     ):
         if mode not in ("threshold", "power"):
             raise ValueError(f"mode must be 'threshold' or 'power', got {mode!r}.")
@@ -238,24 +240,30 @@ class ThresholdSweep:
         if not self.thresholds:
             raise ValueError("thresholds is empty; pass at least one background value, e.g. [0.5].")
         self.mode = mode
+        self.crf = crf
         self.matrices = [ConfusionMatrix(num_classes, ignore_index) for _ in self.thresholds]
 
-    def update(self, cams: np.ndarray, class_ids: Sequence[int], target: np.ndarray) -> "ThresholdSweep":
+    def update(self, cams: np.ndarray, class_ids: Sequence[int], target: np.ndarray, image=None) -> "ThresholdSweep":
         """Adds one image.
 
         Args:
             cams: Foreground CAMs `[k, H, W]` in [0, 1].
             class_ids: The k 1-based class ids of the maps.
             target: Ground-truth mask `[H, W]`.
+            image: The RGB image (uint8 `[H, W, 3]` or PIL), needed when the sweep was built with `crf=True`.
 
         Returns:
             `self`, for chaining.
         """
         for value, matrix in zip(self.thresholds, self.matrices):
-            if self.mode == "threshold":
-                pred = cams_to_mask(cams, class_ids, background="threshold", bg_threshold=value)
+            setting = {"bg_threshold": value} if self.mode == "threshold" else {"bg_power": value}
+            if self.crf:
+                if image is None:
+                    raise ValueError("a CRF sweep needs the image: pass update(..., image=np.asarray(rgb_image))")
+                scores = class_scores(cams, background=self.mode, **setting)
+                pred = scores_to_mask(crf_refine(np.asarray(image), scores), class_ids)
             else:
-                pred = cams_to_mask(cams, class_ids, background="power", bg_power=value)
+                pred = cams_to_mask(cams, class_ids, background=self.mode, **setting)
             matrix.update(pred, target)
         return self
 
@@ -301,7 +309,8 @@ def load_mean_iou_metric(**kwargs):
 
 
 def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0, 2.0), thresholds=None,
-                  refine: bool = False, progress: bool = True, class_names: Sequence[str] | None = None) -> dict:
+                  refine: bool = False, progress: bool = True, class_names: Sequence[str] | None = None,
+                  crf: bool = False) -> dict:
     """CAM mIoU of a `PolePromptModel` over a dataset with masks, CLIP-ES style: ground-truth labels as targets,
     background `(1 - max cam) ** t` for each power (and fixed thresholds when given); the best setting is reported.
 
@@ -313,6 +322,7 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
         thresholds: fixed background thresholds to sweep too (e.g. `np.arange(0.1, 0.9, 0.05)`).
         refine: class-aware attention affinity.
         progress: show a tqdm bar.
+        crf: score pseudo masks: a dense CRF on the class scores before the argmax (needs the `crf` extra).
         class_names: names for the table (default: the model's classes).
 
     Returns:
@@ -327,9 +337,9 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
     processor = processor or load_image_processor(model)
     engine = CamEngine(model)
     num_labels = model.config.num_classes + 1
-    sweeps = [ThresholdSweep(num_labels, powers, mode="power")]
+    sweeps = [ThresholdSweep(num_labels, powers, mode="power", crf=crf)]
     if thresholds is not None:
-        sweeps.append(ThresholdSweep(num_labels, thresholds, mode="threshold"))
+        sweeps.append(ThresholdSweep(num_labels, thresholds, mode="threshold", crf=crf))
     skipped = []
     for example in tqdm(iter_examples(dataset), total=len(dataset), disable=not progress, desc="CAM mIoU"):
         if example.image is None or example.mask is None:
@@ -341,7 +351,7 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
         else:
             cams = np.zeros((0, *example.mask.shape), np.float32)
         for sweep in sweeps:
-            sweep.update(cams, [i + 1 for i in labels], example.mask)
+            sweep.update(cams, [i + 1 for i in labels], example.mask, image=example.image)
     best = max(((sweep, *sweep.best()) for sweep in sweeps), key=lambda item: item[2])
     sweep, value, miou = best
     matrix = sweep.matrices[sweep.thresholds.index(value)]
