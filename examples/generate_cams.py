@@ -24,7 +24,12 @@ from tqdm.auto import tqdm
 
 from pole_hf import CamEngine, PolePromptModel
 from pole_hf.atomic import atomic_path, atomic_write_text, remove_partial_files
-from pole_hf.data.spec import SPEC_HELP, class_names_of, iter_examples, load_dataset_spec
+from pole_hf.data.spec import (
+    SPEC_HELP,
+    class_names_of,
+    iter_examples,
+    load_dataset_spec,
+)
 from pole_hf.evaluation import ConfusionMatrix
 from pole_hf.masks import cams_to_mask, image_to_mask, mask_to_image
 from pole_hf.pipeline_pole import load_image_processor

@@ -27,7 +27,12 @@ from transformers import get_scheduler
 
 from pole_hf import CamEngine, PolePromptModel
 from pole_hf.bundled import TINY_CLIP
-from pole_hf.data.spec import SPEC_HELP, class_names_of, iter_examples, load_dataset_spec
+from pole_hf.data.spec import (
+    SPEC_HELP,
+    class_names_of,
+    iter_examples,
+    load_dataset_spec,
+)
 from pole_hf.images import pixel_values as to_pixel_values
 from pole_hf.objective import PoleObjective
 from pole_hf.pipeline_pole import load_image_processor

@@ -45,7 +45,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from pole_hf.data.synthetic import BACKGROUND_PHRASES, CAPTION_TEMPLATES, SyntheticWorld, generate
+from pole_hf.data.synthetic import (
+    BACKGROUND_PHRASES,
+    CAPTION_TEMPLATES,
+    SyntheticWorld,
+    generate,
+)
 from pole_hf.tiny import BASE_WORDS, default_words, save_clip_tokenizer
 
 TEMPLATE = "a photo of a {}."  # PoleConfig's default template: word prompts are trained exactly as inference uses them

@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pole_hf.evaluation import ConfusionMatrix, ThresholdSweep, evaluate_masks, load_mean_iou_metric, metric_path
+from pole_hf.evaluation import (
+    ConfusionMatrix,
+    ThresholdSweep,
+    evaluate_masks,
+    load_mean_iou_metric,
+    metric_path,
+)
 from pole_hf.masks import cams_to_mask
 
 FAST = settings(max_examples=40, deadline=None)

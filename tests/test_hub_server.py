@@ -55,7 +55,9 @@ def test_whoami_and_create_repo(local_hub: LocalHub) -> None:
 
 
 def test_upload_folder_lfs_then_snapshot_download_online_and_offline(local_hub: LocalHub, tmp_path: Path) -> None:
-    from hub_fixtures import hub_offline  # imported here: pytest_plugins must import hub_fixtures first (rewrite)
+    from hub_fixtures import (
+        hub_offline,  # imported here: pytest_plugins must import hub_fixtures first (rewrite)
+    )
 
     api = HfApi()
     repo_id = api.create_repo("tiny-prompts").repo_id

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pole_hf.data import SyntheticWorld, load_synthetic
-from pole_hf.data.synthetic import BACKGROUND_PHRASES, CAPTION_TEMPLATES, TEXTURES, WORLD_CLASSES, WorldClass, generate
+from pole_hf.data.synthetic import (
+    BACKGROUND_PHRASES,
+    CAPTION_TEMPLATES,
+    TEXTURES,
+    WORLD_CLASSES,
+    WorldClass,
+    generate,
+)
 
 WORLD = SyntheticWorld()
 WORD_CLASS = {word: i for i, name in enumerate(WORLD.class_names) for word, _ in WORLD.words[name]}

@@ -11,7 +11,13 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 
-from .vocab import CLIP_ES_BACKGROUND_WORDS, COCO_CLASSES, VOC_CLASSES, VOC_PROMPT_WORDS, VOC_SYNONYMS
+from .vocab import (
+    CLIP_ES_BACKGROUND_WORDS,
+    COCO_CLASSES,
+    VOC_CLASSES,
+    VOC_PROMPT_WORDS,
+    VOC_SYNONYMS,
+)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
