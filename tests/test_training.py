@@ -110,3 +110,41 @@ def test_same_seed_same_tokens(world_base, tmp_path):
     for name in ("a", "b"):
         run([*COMMON, "--base", world_base, "--output_dir", str(tmp_path / name), "--max_train_steps", "3"])
     assert torch.equal(tokens(tmp_path / "a"), tokens(tmp_path / "b"))
+
+
+def test_loss_terms_and_rate_reach_the_trackers_with_periodic_eval(world_base, tmp_path):
+    from accelerate.tracking import GeneralTracker
+
+    class Recorder(GeneralTracker):
+        name = "recorder"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.logged, self.config = [], None
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, dict(values)))
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import train_pole
+    finally:
+        sys.path.pop(0)
+    recorder = Recorder()
+    args = train_pole.parse_args(["--dataset", "synthetic", "--num_images", "8", "--train_batch_size", "4",
+                                  "--base", world_base, "--output_dir", str(tmp_path), "--max_train_steps", "2",
+                                  "--eval_split", "test", "--eval_images", "2", "--eval_every", "2", "--cpu"])
+    args.report_to = [recorder]
+    train_pole.training_function(args)
+    steps = [values for _, values in recorder.logged if "loss" in values]
+    assert len(steps) == 2 and {"loss", "otm", "btm", "cbs", "lr"} <= set(steps[0])
+    assert any("cam_miou" in values for _, values in recorder.logged)
+    assert recorder.config["max_train_steps"] == 2
