@@ -244,14 +244,17 @@ class PolePromptModel(PreTrainedModel):
         return features
 
     # ------------------------------------------------------------------ image side
-    def image_features_from_tokens(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+    def image_features_from_tokens(self, last_hidden_state: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """Projected image features from the vision encoder's last block output ``[N, 1 + HW, width]``.
 
-        `patch_mean`: CLIP-ES's order (post-layernorm on every token, mean over patch tokens, projection);
-        `pooled`: post-layernorm of the class token, projection. Adapters apply after; not normalised.
+        Args:
+            last_hidden_state: the vision encoder's output tokens.
+            kind: `"patch_mean"` (CLIP-ES's order: post-layernorm on every token, mean over patch tokens,
+                projection) or `"pooled"` (post-layernorm of the class token, projection); default
+                `config.image_feature`. Adapters apply after; the result is not normalised.
         """
         post = self.clip.vision_model.post_layernorm
-        if self.config.image_feature == "patch_mean":
+        if (kind or self.config.image_feature) == "patch_mean":
             pooled = post(last_hidden_state[:, 1:]).mean(dim=1)
         else:
             pooled = post(last_hidden_state[:, 0])
@@ -260,10 +263,11 @@ class PolePromptModel(PreTrainedModel):
             features = self.visual_adapter(features)
         return features
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image features ``[N, projection_dim]`` at any input size (position embeddings interpolated)."""
+    def get_image_features(self, pixel_values: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """L2-normalised image features ``[N, projection_dim]`` at any input size (position embeddings interpolated);
+        `kind` as in [`image_features_from_tokens`]."""
         vision = self.clip.vision_model(pixel_values=pixel_values.to(self.clip.dtype), interpolate_pos_encoding=True)
-        return F.normalize(self.image_features_from_tokens(vision.last_hidden_state), dim=-1)
+        return F.normalize(self.image_features_from_tokens(vision.last_hidden_state, kind), dim=-1)
 
     def logit_scale(self) -> torch.Tensor:
         """The multiplier of cosine similarities: `config.logit_scale`, or the base CLIP's `exp(logit_scale)`."""

@@ -200,16 +200,7 @@ class PoleObjective(nn.Module):
 
     def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised features ``[N, D]`` of (masked) images: frozen CLIP, gradients only into visual adapters."""
-        kind = self.image_feature or model.config.image_feature
-        if kind == model.config.image_feature:
-            return model.get_image_features(pixel_values)
-        vision = model.clip.vision_model
-        tokens = vision(pixel_values=pixel_values.to(model.clip.dtype), interpolate_pos_encoding=True).last_hidden_state
-        pooled = vision.post_layernorm(tokens[:, 0] if kind == "pooled" else tokens[:, 1:])
-        features = model.clip.visual_projection(pooled if kind == "pooled" else pooled.mean(dim=1))
-        if model.visual_adapter is not None:
-            features = model.visual_adapter(features)
-        return F.normalize(features, dim=-1)
+        return model.get_image_features(pixel_values, kind=self.image_feature)
 
     def losses(self, fg_features: torch.Tensor, bg_features: torch.Tensor, text_features: torch.Tensor,
                class_indices: torch.Tensor, num_classes: int) -> PoleLossOutput:
