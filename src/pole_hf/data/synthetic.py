@@ -50,10 +50,10 @@ class WorldClass:
 WORLD_CLASSES: tuple[WorldClass, ...] = (
     # Official name is a rare word (5%): POLE should pick the frequent word.
     WorldClass("zebra", "horizontal_stripes",
-               (("stripes", 0.74), ("bands", 0.17), ("streaks", 0.08), ("zebra", 0.01))),
-    WorldClass("fence", "vertical_stripes", (("bars", 0.74), ("columns", 0.25), ("fence", 0.01))),
-    WorldClass("chessboard", "checkerboard", (("checkers", 0.74), ("tiles", 0.25), ("chessboard", 0.01))),
-    WorldClass("target", "rings", (("rings", 0.74), ("bullseye", 0.25), ("target", 0.01))),
+               (("stripes", 0.70), ("bands", 0.17), ("streaks", 0.08), ("zebra", 0.05))),
+    WorldClass("fence", "vertical_stripes", (("bars", 0.70), ("columns", 0.25), ("fence", 0.05))),
+    WorldClass("chessboard", "checkerboard", (("checkers", 0.70), ("tiles", 0.25), ("chessboard", 0.05))),
+    WorldClass("target", "rings", (("rings", 0.70), ("bullseye", 0.25), ("target", 0.05))),
     # Official name is the frequent word: POLE should keep it.
     WorldClass("dots", "dots", (("dots", 0.70), ("spots", 0.25), ("freckles", 0.05))),
     WorldClass("slashes", "diagonal_stripes", (("slashes", 0.70), ("diagonals", 0.25), ("twill", 0.05))),
