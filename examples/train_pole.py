@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -27,15 +28,12 @@ from transformers import get_scheduler
 
 from pole_hf import CamEngine, PolePromptModel
 from pole_hf.bundled import TINY_CLIP
-from pole_hf.data.spec import (
-    SPEC_HELP,
-    class_names_of,
-    iter_examples,
-    load_dataset_spec,
-)
+from pole_hf.data.spec import SPEC_HELP, ExampleReader, class_names_of, load_dataset_spec
 from pole_hf.images import pixel_values as to_pixel_values
 from pole_hf.objective import PoleObjective
 from pole_hf.pipeline_pole import load_image_processor
+
+logger = logging.getLogger("train_pole")
 
 
 def parse_args(argv=None):
@@ -81,23 +79,28 @@ def parse_args(argv=None):
 
 
 class PixelDataset(torch.utils.data.Dataset):
-    """Images resized to the CLIP input size, with their class indices; unreadable images are skipped."""
+    """Images resized to the CLIP input size, with their class indices, decoded lazily (memory stays flat).
+
+    An unreadable image is logged, counted in `skipped` and stands in as a black image without labels, so it adds
+    no (image, class) pair while every process keeps the same number of batches.
+    """
 
     def __init__(self, dataset, processor, size: tuple[int, int]):
-        self.items = []
-        self.skipped = []
-        for example in iter_examples(dataset):
-            if example.image is None:
-                self.skipped.append(example.id)
-                continue
-            pixels = to_pixel_values(example.image, size, processor.image_mean, processor.image_std)[0]
-            self.items.append((pixels, sorted(set(example.labels))))
+        self.reader = ExampleReader(dataset)
+        self.processor, self.size = processor, size
+        self.skipped: list[str] = []
 
     def __len__(self):
-        return len(self.items)
+        return len(self.reader)
 
     def __getitem__(self, index):
-        return self.items[index]
+        example = self.reader[index]
+        if example.image is None:
+            logger.warning("skipping %s: %s", example.id, example.error)
+            self.skipped.append(example.id)
+            return torch.zeros(3, *self.size), []
+        pixels = to_pixel_values(example.image, self.size, self.processor.image_mean, self.processor.image_std)[0]
+        return pixels, sorted(set(example.labels))
 
 
 def collate(batch):
@@ -169,7 +172,7 @@ def training_function(args) -> dict:
     loader = DataLoader(data, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
     params = model.learnable_parameters()
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(loader))
+    steps_per_epoch = len(loader)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,

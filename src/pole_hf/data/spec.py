@@ -77,27 +77,41 @@ def _read(value, name: str) -> Image.Image:
     raise ImageInputError(f"example {name!r} has no image data")
 
 
-def iter_examples(dataset: datasets.Dataset, indices=None) -> Iterator[Example]:
-    """Yield examples with images decoded by `pole_hf.images` (documented conversions); unreadable images come
-    back with `image=None` and the error, so dataset runs can log and skip them."""
-    raw = dataset
-    for column in ("image", "mask"):
-        if column in raw.features and isinstance(raw.features[column], datasets.Image):
-            raw = raw.cast_column(column, datasets.Image(decode=False))
-    for index in (range(len(raw)) if indices is None else indices):
-        item = raw[int(index)]
+class ExampleReader:
+    """Random access to a dataset's examples with images decoded by `pole_hf.images` (documented conversions);
+    an unreadable image comes back as `image=None` with the error, so dataset runs can log and skip it.
+
+    The image and mask columns are cast to undecoded once, so reading never goes through datasets' own decoder.
+    """
+
+    def __init__(self, dataset: datasets.Dataset):
+        raw = dataset
+        for column in ("image", "mask"):
+            if column in raw.features and isinstance(raw.features[column], datasets.Image):
+                raw = raw.cast_column(column, datasets.Image(decode=False))
+        self.raw = raw
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index: int) -> Example:
+        item = self.raw[int(index)]
         image_value = item["image"]
         name = item.get("image_id") or (image_value.get("path") if isinstance(image_value, dict) else None)
         example_id = str(item.get("image_id") or f"{index:06d}")
-        mask = None
-        if item.get("mask") is not None:
-            mask = np.asarray(_read_mask(item["mask"]))
+        mask = np.asarray(_read_mask(item["mask"])) if item.get("mask") is not None else None
         try:
             image = _read(image_value, name or example_id)
         except ImageInputError as err:
-            yield Example(int(index), example_id, None, list(item["labels"]), mask, str(err))
-            continue
-        yield Example(int(index), example_id, image, list(item["labels"]), mask)
+            return Example(int(index), example_id, None, list(item["labels"]), mask, str(err))
+        return Example(int(index), example_id, image, list(item["labels"]), mask)
+
+
+def iter_examples(dataset: datasets.Dataset, indices=None) -> Iterator[Example]:
+    """Yield the examples of `dataset` (or of `indices`) read by an [`ExampleReader`]."""
+    reader = ExampleReader(dataset)
+    for index in (range(len(reader)) if indices is None else indices):
+        yield reader[index]
 
 
 def _read_mask(value) -> Image.Image:
