@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pole_hf import CamEngine, PolePromptModel
-from pole_hf.atomic import atomic_path, atomic_write_text, remove_partial_files
+from pole_hf.atomic import atomic_save_npy, atomic_save_png, atomic_write_text, remove_partial_files
 from pole_hf.data.spec import (
     SPEC_HELP,
     class_names_of,
@@ -52,16 +52,6 @@ def parse_args(argv=None):
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--push_to_hub", default=None, help="push the CAM/mask dataset to this Hub dataset repo")
     return parser.parse_args(argv)
-
-
-def save_npy(path: str, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-
-
-def save_png(path: str, image: Image.Image) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
 
 
 def main(argv=None) -> dict:
@@ -110,8 +100,8 @@ def main(argv=None) -> dict:
             else:
                 cams = np.zeros((0, example.image.size[1], example.image.size[0]), np.float32)
             pred = cams_to_mask(cams, [i + 1 for i in labels], background="power", bg_power=args.bg_power)
-            save_npy(cam_path, cams.astype(np.float16))
-            save_png(mask_path, mask_to_image(pred))
+            atomic_save_npy(cam_path, cams.astype(np.float16))
+            atomic_save_png(mask_path, mask_to_image(pred))
             computed += 1
         if example.mask is not None:
             matrix.update(pred, example.mask)

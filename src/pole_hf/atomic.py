@@ -51,3 +51,17 @@ def remove_partial_files(directory: str | os.PathLike) -> int:
                 os.remove(os.path.join(directory, name))
                 removed += 1
     return removed
+
+
+def atomic_save_npy(path: str | os.PathLike, array) -> None:
+    """Save a numpy array as `.npy` atomically (never pickled)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def atomic_save_png(path: str | os.PathLike, image) -> None:
+    """Save a PIL image as PNG atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

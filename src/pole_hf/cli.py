@@ -28,7 +28,7 @@ def cmd_cam(args) -> None:
     from tqdm.auto import tqdm
     from transformers import pipeline
 
-    from .atomic import atomic_path
+    from .atomic import atomic_save_npy, atomic_save_png
     from .bundled import TINY_PROMPTS
 
     pipe = pipeline("pole-cam", model=args.model or TINY_PROMPTS)
@@ -36,11 +36,9 @@ def cmd_cam(args) -> None:
     for image in tqdm(args.images, desc="CAMs", disable=args.quiet):
         out = pipe(image, labels=args.labels, refine=args.refine, return_overlay=True)
         stem = os.path.splitext(os.path.basename(image))[0]
-        with atomic_path(os.path.join(args.out, f"{stem}_cams.npy")) as tmp, open(tmp, "wb") as f:
-            np.save(f, out["cams"].astype(np.float16), allow_pickle=False)
+        atomic_save_npy(os.path.join(args.out, f"{stem}_cams.npy"), out["cams"].astype(np.float16))
         for key in ("mask", "overlay"):
-            with atomic_path(os.path.join(args.out, f"{stem}_{key}.png")) as tmp:
-                out[key].save(tmp, format="PNG")
+            atomic_save_png(os.path.join(args.out, f"{stem}_{key}.png"), out[key])
         print(f"{image}: {', '.join(f'{n} {s:.3f}' for n, s in zip(out['labels'], out['scores']))}")
 
 

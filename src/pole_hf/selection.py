@@ -27,6 +27,7 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .atomic import atomic_write_text
 from .images import load_image
+from .images import pixel_values as to_pixel_values
 from .vocab import SELECTION_TEMPLATE, VOC_SYNONYMS
 
 SELECTION_FORMAT = "pole_hf.selection"
@@ -234,9 +235,7 @@ def masked_pixel_values(image: Image.Image, cams: torch.Tensor, size: tuple[int,
     The image is resized (bicubic) to `size` and scaled to [0, 1]; the CAMs ``[k, H, W]`` (any size) are resized
     (bilinear) to `size` and clipped to [0, 1]; each masked image ``cam * image`` is normalised with `mean`/`std`.
     """
-    height, width = size
-    resized = image.resize((width, height), Image.BICUBIC) if image.size != (width, height) else image
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    pixels = to_pixel_values(image, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0]  # [3, h, w] in [0, 1]
     maps = torch.as_tensor(cams, dtype=torch.float32).detach().cpu()
     if maps.ndim != 3:
         raise ValueError(f"CAMs of one image must have shape [k, H, W], got {tuple(maps.shape)}")
