@@ -104,9 +104,9 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
     use_crf = crf_available()
     results = {}
     for variant, model in models.items():
-        cam = evaluate_cams(model, heldout, processor=processor, progress=progress)
-        mask = evaluate_cams(model, heldout, processor=processor, crf=use_crf, refine=not use_crf,
-                             progress=progress)
+        cam = evaluate_cams(model, heldout, processor=processor, crf=use_crf, progress=progress)
+        mask = cam["pseudo_mask"] if use_crf else evaluate_cams(model, heldout, processor=processor, refine=True,
+                                                                  progress=progress)
         results[variant] = {"cam_miou": 100 * cam["miou"], "mask_miou": 100 * mask["miou"],
                             "cam_iou": {k: 100 * v for k, v in cam["per_class_iou"].items()},
                             "words": dict(zip(model.config.class_names, model.config.class_words))}

@@ -322,11 +322,13 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
         thresholds: fixed background thresholds to sweep too (e.g. `np.arange(0.1, 0.9, 0.05)`).
         refine: class-aware attention affinity.
         progress: show a tqdm bar.
-        crf: score pseudo masks: a dense CRF on the class scores before the argmax (needs the `crf` extra).
+        crf: also score pseudo masks (a dense CRF on the class scores before the argmax; needs the `crf` extra)
+            from the same CAMs, reported under `pseudo_mask`.
         class_names: names for the table (default: the model's classes).
 
     Returns:
-        dict with `miou` (best), `bg_power` or `bg_threshold`, `per_class_iou`, `curve`, `skipped` ids, `table`.
+        dict with `miou` (best), `bg_power` or `bg_threshold`, `per_class_iou`, `curve`, `skipped` ids, `table`,
+        and with `crf=True` the same keys (but `skipped`) for the pseudo masks under `pseudo_mask`.
     """
     from tqdm.auto import tqdm
 
@@ -337,9 +339,13 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
     processor = processor or load_image_processor(model)
     engine = CamEngine(model)
     num_labels = model.config.num_classes + 1
-    sweeps = [ThresholdSweep(num_labels, powers, mode="power", crf=crf)]
-    if thresholds is not None:
-        sweeps.append(ThresholdSweep(num_labels, thresholds, mode="threshold", crf=crf))
+    def build(with_crf: bool) -> list[ThresholdSweep]:
+        built = [ThresholdSweep(num_labels, powers, mode="power", crf=with_crf)]
+        if thresholds is not None:
+            built.append(ThresholdSweep(num_labels, thresholds, mode="threshold", crf=with_crf))
+        return built
+
+    groups = {"cam": build(False), **({"pseudo_mask": build(True)} if crf else {})}
     skipped = []
     for example in tqdm(iter_examples(dataset), total=len(dataset), disable=not progress, desc="CAM mIoU"):
         if example.image is None or example.mask is None:
@@ -350,12 +356,20 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
             cams = engine(example.image, processor, labels, refine=refine).cams.numpy()
         else:
             cams = np.zeros((0, *example.mask.shape), np.float32)
-        for sweep in sweeps:
+        for sweep in (s for sweeps in groups.values() for s in sweeps):  # the CAMs are computed once for all
             sweep.update(cams, [i + 1 for i in labels], example.mask, image=example.image)
-    best = max(((sweep, *sweep.best()) for sweep in sweeps), key=lambda item: item[2])
-    sweep, value, miou = best
-    matrix = sweep.matrices[sweep.thresholds.index(value)]
     names = ["background", *(class_names or model.config.class_names)]
+    result = _best_of(groups["cam"], names)
+    result["skipped"] = skipped
+    if crf:
+        result["pseudo_mask"] = _best_of(groups["pseudo_mask"], names)
+    return result
+
+
+def _best_of(sweeps: Sequence[ThresholdSweep], names: Sequence[str]) -> dict:
+    """The best setting over `sweeps`: mIoU, the setting, per-class IoU, curves and a markdown table."""
+    sweep, value, miou = max(((sweep, *sweep.best()) for sweep in sweeps), key=lambda item: item[2])
+    matrix = sweep.matrices[sweep.thresholds.index(value)]
     key = "bg_power" if sweep.mode == "power" else "bg_threshold"
     return {"miou": float(miou), key: value, "per_class_iou": dict(zip(names, map(float, matrix.iou()))),
-            "curve": {s.mode: s.curve() for s in sweeps}, "skipped": skipped, "table": matrix.as_table(names)}
+            "curve": {s.mode: s.curve() for s in sweeps}, "table": matrix.as_table(names)}
