@@ -13,11 +13,11 @@ from pole_hf import PolePromptModel
 from pole_hf.selection import (
     SelectionResult,
     WordChoice,
-    class_indices_of,
     masked_pixel_values,
     resolve_candidates,
     select_class_words,
 )
+from pole_hf.labels import class_indices
 from pole_hf.vocab import VOC_SYNONYMS
 
 CANDIDATES = {"cat": ["cat", "feline", "kitty"], "dog": ["dog", "puppy", "hound"]}
@@ -167,11 +167,11 @@ def test_single_candidates_need_no_images(tiny_model):
 
 
 def test_input_errors(tiny_model):
-    with pytest.raises(ValueError, match="unknown class name 'horse'"):
-        class_indices_of(["cat", "horse"], tiny_model.class_names)
-    with pytest.raises(ValueError, match="class index 7 is out of range"):
-        class_indices_of(7, tiny_model.class_names)
-    assert class_indices_of(torch.tensor([2, 0, 2]), tiny_model.class_names) == [2, 0]
+    with pytest.raises(ValueError, match="unknown label 'horse'; known classes: cat, dog, sofa"):
+        class_indices(["cat", "horse"], tiny_model.class_names)
+    with pytest.raises(ValueError, match="label index 7 is out of range for 3 classes"):
+        class_indices(7, tiny_model.class_names)
+    assert class_indices(torch.tensor([2, 0, 2]), tiny_model.class_names) == [2, 0]
     with pytest.raises(ValueError, match=r"cams\[0\] has 1 maps for 2 labels"):
         select_class_words(tiny_model, [(random_image(0), ["cat", "dog"])], cams=[np.ones((1, 8, 8))],
                            progress=False)

@@ -8,7 +8,6 @@ Registered with transformers on `import pole_hf` as the task ``"pole-cam"``::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 from transformers import AutoModel, Pipeline
@@ -16,28 +15,8 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .cam import CAA_LAYERS, MAX_SIDE, CamEngine
 from .images import load_image
+from .labels import class_indices
 from .masks import class_scores, crf_refine, mask_to_image, overlay, scores_to_mask
-
-
-def resolve_labels(labels: Sequence[str | int] | str | None, class_names: Sequence[str]) -> list[int] | None:
-    """Class indices of `labels` (names or indices); an unknown name raises a `ValueError` listing the classes."""
-    if labels is None:
-        return None
-    if isinstance(labels, (str, int)):
-        labels = [labels]
-    indices = []
-    for label in labels:
-        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-            if not 0 <= int(label) < len(class_names):
-                raise ValueError(f"label index {label} is out of range for {len(class_names)} classes")
-            indices.append(int(label))
-        elif label in class_names:
-            indices.append(list(class_names).index(label))
-        else:
-            raise ValueError(f"unknown label {label!r}; known classes: {', '.join(class_names)}")
-    if not indices:
-        raise ValueError("labels is empty: give at least one class name, or labels=None to predict them")
-    return list(dict.fromkeys(indices))
 
 
 def load_image_processor(model):
@@ -117,7 +96,7 @@ class PoleCamPipeline(Pipeline):
         if min(image.size) < patch:
             raise ValueError(f"image of size {image.size[0]}x{image.size[1]} is smaller than one {patch}x{patch} "
                              f"patch: give images of at least {patch} pixels per side")
-        return {"image": image, "class_indices": resolve_labels(labels, self.model.config.class_names)}
+        return {"image": image, "class_indices": None if labels is None else class_indices(labels, self.model.config.class_names, allow_empty=False)}
 
     def _forward(self, model_inputs, refine=False, scales=(1.0,), flip=False, caa_layers=CAA_LAYERS,
                  max_side=MAX_SIDE):

@@ -27,6 +27,7 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .atomic import atomic_write_text
 from .images import load_image
+from .labels import class_indices
 from .images import pixel_values as to_pixel_values
 from .vocab import SELECTION_TEMPLATE, VOC_SYNONYMS
 
@@ -199,27 +200,6 @@ def resolve_candidates(model, candidates: Mapping[str, str | Sequence[str]] | No
     return out
 
 
-def class_indices_of(labels, class_names: Sequence[str]) -> list[int]:
-    """An image's labels (an index, a name, or a sequence of them) as unique class indices, in given order."""
-    if isinstance(labels, (torch.Tensor, np.ndarray)):
-        labels = labels.tolist()
-    if isinstance(labels, (int, np.integer, str)):
-        labels = [labels]
-    out = []
-    for label in labels:
-        if isinstance(label, str):
-            if label not in class_names:
-                raise ValueError(f"unknown class name {label!r}; known classes: {list(class_names)}")
-            index = class_names.index(label)
-        else:
-            index = int(label)
-            if not 0 <= index < len(class_names):
-                raise ValueError(f"class index {index} is out of range for {len(class_names)} classes")
-        if index not in out:
-            out.append(index)
-    return out
-
-
 def clip_input_size(model, processor=None) -> tuple[int, int]:
     """CLIP's input size `(height, width)`: the processor's crop size, else the vision config's `image_size`."""
     crop = getattr(processor, "crop_size", None)
@@ -342,7 +322,7 @@ def select_class_words(model, images_and_labels: Iterable, candidates: Mapping[s
     total = len(images_and_labels) if hasattr(images_and_labels, "__len__") else None
     for position, item in enumerate(tqdm(images_and_labels, total=total, disable=not progress, desc="selection")):
         image, labels, image_id = _unpack(item, position)
-        indices = class_indices_of(labels, names)
+        indices = class_indices(labels, names)
         scored = [i for i in indices if len(words[names[i]]) > 1]
         for i in indices:  # a single candidate wins without scoring
             if len(words[names[i]]) == 1:
@@ -378,7 +358,6 @@ __all__ = [
     "SelectionResult",
     "WordChoice",
     "candidate_text_features",
-    "class_indices_of",
     "clip_input_size",
     "masked_pixel_values",
     "resolve_candidates",
