@@ -24,8 +24,10 @@ import socket
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
+from hub_server_endpoints import URL_PREFIX as _URL_PREFIX
+from hub_server_endpoints import HubEndpoints
 from hub_server_store import (
     DEFAULT_LFS_PATTERNS,
     Commit,
@@ -40,7 +42,6 @@ from hub_server_store import (
 )
 
 _PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
-_URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _TRUE = {"1", "true", "True", "yes"}
 
 
@@ -120,7 +121,7 @@ class LocalHub:
         return user is not None and (namespace == user or namespace in self.orgs.get(user, set()))
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(HubEndpoints, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 60  # idle keep-alive connections end eventually
 
@@ -360,99 +361,3 @@ class _Handler(BaseHTTPRequestHandler):
     def _expand(self, repo: Repo, commit: Commit, entry: dict) -> dict:
         last = self.hub.store.last_commit_for(repo, commit, entry["path"])
         return {**entry, "lastCommit": {"id": last.oid, "title": last.title, "date": last.date}}
-
-    # -------------------------------------------------------------- handlers
-    def _create_repo(self) -> bool:
-        if self.auth_user is None:
-            raise HubError(401, "You must be authenticated to create a repo.")
-        body = self._json()
-        repo_type = body.get("type") or "model"
-        if repo_type not in _URL_PREFIX:
-            raise HubError(400, f"Invalid repo type: {repo_type}")
-        namespace = body.get("organization") or self.auth_user
-        repo_id = f"{namespace}/{body['name']}"
-        url = f"{self.hub.endpoint}/{_URL_PREFIX[repo_type]}{repo_id}"
-        if not self.hub.can_write(self.auth_user, repo_id):
-            raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace {namespace}")
-        private = body.get("visibility") == "private" or bool(body.get("private"))
-        try:
-            self.hub.store.create_repo(repo_type, repo_id, private, self.auth_user)
-        except HubError as err:
-            self._send(err.status, {"error": err.message, "url": url}, {"X-Error-Message": err.message})
-            return True
-        self._send(200, {"url": url, "name": repo_id, "id": repo_id})
-        return True
-
-    def _commit(self, repo_type: str, repo_id: str, revision: str) -> bool:
-        repo = self._repo(repo_type, repo_id, write=True)
-        lines = [json.loads(line) for line in self.body.decode().splitlines() if line.strip()]
-        if not lines or lines[0].get("key") != "header":
-            raise HubError(400, "The first line of a commit payload must be its header")
-        create_pr = self._flag("create_pr")
-        commit, pr_num = self.hub.store.commit(repo, revision, lines[0]["value"], lines[1:],
-                                               self.auth_user or "", create_pr=create_pr)
-        pr_url = f"{self._repo_url(repo)}/discussions/{pr_num}" if pr_num is not None else None
-        self._send(200, {"success": True, "commitOid": commit.oid, "commitUrl": f"{self._repo_url(repo)}/commit/"
-                         f"{commit.oid}", "hookOutput": "", "pullRequestUrl": pr_url})
-        return True
-
-    def _lfs_batch(self, repo_type: str, repo_id: str) -> bool:
-        self._repo(repo_type, repo_id, write=True)
-        body = self._json()
-        if body.get("operation") != "upload":
-            raise HubError(400, "Only the upload operation is supported")
-        objects = []
-        for obj in body.get("objects", []):
-            oid, size = obj["oid"], int(obj["size"])
-            out: dict = {"oid": oid, "size": size, "authenticated": True}
-            if not self.hub.store.has_blob(oid):
-                ticket = secrets.token_hex(16)
-                self.hub.lfs_tickets[ticket] = (oid, size)
-                out["actions"] = {"upload": {"href": f"{self.hub.endpoint}/_lfs/upload/{ticket}", "header": {}},
-                                  "verify": {"href": f"{self.hub.endpoint}/_lfs/verify/{ticket}", "header": {}}}
-            objects.append(out)
-        self._send(200, {"transfer": "basic", "objects": objects},
-                   {"Content-Type": "application/vnd.git-lfs+json"})
-        return True
-
-    def _lfs_transfer(self, method: str, kind: str, ticket: str) -> bool:
-        if ticket not in self.hub.lfs_tickets:
-            raise HubError(404, "Unknown LFS upload ticket")
-        oid, size = self.hub.lfs_tickets[ticket]
-        if kind == "upload" and method == "PUT":
-            if len(self.body) != size or self.hub.store.put_blob(self.body) != oid:
-                raise HubError(400, f"LFS upload does not match oid {oid} / size {size}")
-        elif kind == "verify" and method == "POST":
-            if not self.hub.store.has_blob(oid):
-                raise HubError(404, f"LFS object {oid} was not uploaded")
-        else:
-            return False
-        self._send(200, {})
-        return True
-
-    def _resolve(self, repo_type: str, repo_id: str, revision: str, path: str) -> bool:
-        store = self.hub.store
-        repo = self._repo(repo_type, repo_id, files=True)
-        commit = store.resolve(repo, revision)
-        entry = commit.files.get(path)
-        if entry is None:
-            raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": commit.oid})
-        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{entry.oid}"', "Accept-Ranges": "bytes",
-                   "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}"}
-        if entry.lfs:
-            headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
-        if self.command == "HEAD":
-            self._send(200, b"", headers, content_length=entry.size)
-            return True
-        data = store.read_blob(entry.sha256)
-        status, rng = 200, self.headers.get("Range", "")
-        if rng.startswith("bytes="):
-            start_s, _, end_s = rng[6:].split(",")[0].partition("-")
-            start = int(start_s) if start_s else max(len(data) - int(end_s), 0)
-            end = int(end_s) if start_s and end_s else len(data) - 1
-            if start >= len(data):
-                raise HubError(416, "Range not satisfiable", headers={"Content-Range": f"bytes */{len(data)}"})
-            headers["Content-Range"] = f"bytes {start}-{min(end, len(data) - 1)}/{len(data)}"
-            data, status = data[start:end + 1], 206
-        self._send(status, data, headers)
-        return True
