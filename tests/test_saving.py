@@ -45,6 +45,9 @@ def test_prompts_file_holds_only_prompt_tensors(saved):
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "pole" and config["base_model_name_or_path"]
     assert config["clip_config"]["text_config"]["hidden_size"] == 32
+    # the base's machine-local folder is not written into the embedded CLIP config, and stays on the live model
+    assert os.path.isabs(model.config.clip_config._name_or_path)
+    assert not config["clip_config"].get("_name_or_path")
 
 
 def test_auto_classes_return_pole_model(saved):
