@@ -179,3 +179,32 @@ def test_remote_code_copy_loads_without_pole_hf(tiny_model, tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "PolePromptModel (1, 3)" in result.stdout
+
+
+def test_base_without_tokenizer_loads_from_stored_ids_with_one_lookup(saved, tiny_clip_dir, tmp_path, monkeypatch):
+    import pole_hf.loading
+
+    model, path = saved
+    base = tmp_path / "base-without-tokenizer"
+    base.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_clip_dir, name), base / name)
+    config = json.loads((path / "config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    (path / "config.json").write_text(json.dumps(config))
+    calls = []
+    real = pole_hf.loading.load_base_tokenizer
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pole_hf.loading, "load_base_tokenizer", counting)
+    loaded = PolePromptModel.from_pretrained(path)
+    assert loaded.tokenizer is None and len(calls) == 1
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits)
+    # building prompts needs the words' ids: a base without tokenizer files is refused, not tokenized to <|endoftext|>
+    with pytest.raises(OSError, match="base-without-tokenizer has no tokenizer files"):
+        PolePromptModel.from_clip(str(base), class_names=["cat"])

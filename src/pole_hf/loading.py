@@ -54,7 +54,14 @@ def load_base_clip(path: str | None, revision: str | None = None, subfolder: str
 def load_base_tokenizer(path: str | None, revision: str | None = None, subfolder: str = "", **hub_kwargs):
     """Load the base CLIP's tokenizer (same lookup as :func:`load_base_clip`)."""
     path = resolve_base_path(path)
-    return AutoTokenizer.from_pretrained(path, revision=revision, subfolder=subfolder, **hub_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, subfolder=subfolder, **hub_kwargs)
+    # transformers 5 builds a CLIP tokenizer with only its special tokens when the folder has no tokenizer files;
+    # it would map every word to <|endoftext|>
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+        where = f"{path}/{subfolder}" if subfolder else path
+        raise OSError(f"{where} has no tokenizer files (tokenizer.json or vocab.json + merges.txt): add them or pass "
+                      "tokenizer=...")
+    return tokenizer
 
 
 def prompt_state_dict(model) -> dict[str, torch.Tensor]:
@@ -169,7 +176,7 @@ def load_prompts(cls, path: str | os.PathLike, *, base_model: CLIPModel | None =
                                             revision=config.base_model_revision, **hub)
         except (OSError, ValueError):
             tokenizer = None
-    model = cls(config, clip_model=base_model, tokenizer=tokenizer)
+    model = cls(config, clip_model=base_model, tokenizer=tokenizer, load_tokenizer=False)
     load_prompt_tensors(model, prompts_file)
     return model.eval()
 

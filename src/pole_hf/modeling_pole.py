@@ -51,6 +51,8 @@ class PolePromptModel(PreTrainedModel):
             with random weights when omitted.
         tokenizer (*optional*): the base's tokenizer; loaded from `config.base_model_name_or_path` when omitted.
             Without one the prompt ids stay empty until a prompts file is loaded.
+        load_tokenizer (`bool`, *optional*, defaults to `True`): whether to look the tokenizer up when none is given
+            (`False` when the caller already tried, as `from_pretrained` does).
     """
 
     config_class = PoleConfig
@@ -58,7 +60,8 @@ class PolePromptModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
 
-    def __init__(self, config: PoleConfig, clip_model: CLIPModel | None = None, tokenizer=None):
+    def __init__(self, config: PoleConfig, clip_model: CLIPModel | None = None, tokenizer=None,
+                 load_tokenizer: bool = True):
         if clip_model is None:
             if config.clip_config is None:
                 raise ValueError("PoleConfig has no clip_config: build with PolePromptModel.from_clip(...) or "
@@ -80,7 +83,9 @@ class PolePromptModel(PreTrainedModel):
         else:
             self.visual_adapter = self.text_adapter = None
         self.post_init()
-        self.tokenizer = tokenizer if tokenizer is not None else _try_load_tokenizer(config)
+        if tokenizer is None and load_tokenizer:
+            tokenizer = _try_load_tokenizer(config)
+        self.tokenizer = tokenizer
         self._text_cache: dict = {}
         if self.tokenizer is not None:
             self.prompt_learner.initialize(self.tokenizer, self.token_embedding, config.template,
