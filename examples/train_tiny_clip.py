@@ -198,6 +198,10 @@ def train(args, world, data, tokenizer, model, mean, std):
         excluded &= ~used
         if args.synonym_negatives:  # plain softmax over all words: p(word | patch) learns the caption frequencies
             excluded &= False
+        if args.word_negatives == "batch":  # as in CLIP's in-batch contrast, a class word takes part in a step only
+            in_batch = used.any(0)          # when one of the batch's captions uses it: rare words are seen rarely
+            in_batch[len(word_list) - len(world.background_kinds):] = True
+            excluded = excluded | ~in_batch[None, :]
 
         feats = patch_features(model, pixels)  # [b, N, P]
         image_feat = F.normalize(feats.mean(1), dim=-1)
@@ -295,6 +299,9 @@ def main():
     parser.add_argument("--synonym_negatives", type=int, default=1,
                         help="1: the other synonyms of a present class stay in the word softmax (as negatives), so "
                              "p(word | patch) learns how often captions use each word; 0: leave them out")
+    parser.add_argument("--word_negatives", choices=("all", "batch"), default="all",
+                        help="words in the image loss's softmax: every class word in every step, or only the words "
+                             "the batch's captions use (CLIP-like: a word is trained only in batches that mention it)")
     parser.add_argument("--patch_targets", choices=("words", "prototypes"), default="words",
                         help="what the patch loss scores patch tokens against: the word prompts, or learnable "
                              "per-class/per-background prototypes (the text tower then learns words image-level only)")
