@@ -5,8 +5,9 @@ outline: shapes (circle, ellipse, square, blob), colours, sizes and positions ar
 Objects are large (radius 22-34% of the image side), as measured in ``shared/notes/tiny-clip.md``, and may occlude
 each other, but every object keeps a visible part, so the image-level labels are exactly the ids in the mask.
 
-Captions name the classes with a skewed vocabulary: for half of the classes the official class name is a rare word
-(5% of mentions) while another word is used 70% of the time, which is the gap POLE's class-token selection exploits.
+Captions name the classes with a skewed vocabulary: for six of the eight classes the official class name is a rare
+word (1% of mentions) while another word is used 70% of the time, which is the gap POLE's class-token selection
+exploits.
 
 Conventions (as PASCAL VOC in ``pole_hf.data.voc``): ``labels`` holds class indices ``0..C-1`` into
 ``class_names``; the mask holds ``class index + 1`` and 0 for background.
@@ -48,17 +49,18 @@ class WorldClass:
 
 
 WORLD_CLASSES: tuple[WorldClass, ...] = (
-    # Official name is a rare word (5%): POLE should pick the frequent word.
+    # Official name is a rare word (1% of mentions): POLE should pick (or learn) the frequent word's token.
     WorldClass("zebra", "horizontal_stripes",
-               (("stripes", 0.70), ("bands", 0.17), ("streaks", 0.08), ("zebra", 0.05))),
-    WorldClass("fence", "vertical_stripes", (("bars", 0.70), ("columns", 0.25), ("fence", 0.05))),
-    WorldClass("chessboard", "checkerboard", (("checkers", 0.70), ("tiles", 0.25), ("chessboard", 0.05))),
-    WorldClass("target", "rings", (("rings", 0.70), ("bullseye", 0.25), ("target", 0.05))),
+               (("stripes", 0.70), ("bands", 0.19), ("streaks", 0.10), ("zebra", 0.01))),
+    WorldClass("fence", "vertical_stripes", (("bars", 0.70), ("columns", 0.29), ("fence", 0.01))),
+    WorldClass("chessboard", "checkerboard", (("checkers", 0.70), ("tiles", 0.29), ("chessboard", 0.01))),
+    WorldClass("target", "rings", (("rings", 0.70), ("bullseye", 0.29), ("target", 0.01))),
+    WorldClass("dots", "dots", (("spots", 0.70), ("freckles", 0.29), ("dots", 0.01))),
     # Official name is the frequent word: POLE should keep it.
-    WorldClass("dots", "dots", (("dots", 0.70), ("spots", 0.25), ("freckles", 0.05))),
     WorldClass("slashes", "diagonal_stripes", (("slashes", 0.70), ("diagonals", 0.25), ("twill", 0.05))),
     WorldClass("grid", "grid", (("grid", 0.70), ("mesh", 0.15), ("lattice", 0.10), ("netting", 0.05))),
-    WorldClass("zigzag", "zigzag", (("zigzag", 0.70), ("chevron", 0.25), ("lightning", 0.05))),
+    # Official name is a rare word (1% of mentions).
+    WorldClass("zigzag", "zigzag", (("chevron", 0.70), ("lightning", 0.29), ("zigzag", 0.01))),
 )
 """The default class table: official name, texture and caption vocabulary of each of the 8 classes."""
 
