@@ -9,14 +9,16 @@ and the CAM is GradCAM on the last block's ``layer_norm1`` output of the softmax
 Losses (all on features that inference uses):
 
 * ``clip``: caption-image contrastive loss on the patch-mean feature, with every image of the same label set a
-  positive (soft targets), both directions. Captions are the world's own (skewed words: "stripes" 70%, "zebra" 5%).
+  positive (soft targets), both directions. Captions are the world's own (skewed words: "stripes" 70%, "zebra" 1%).
 * ``image``: softmax over word prompts ``"a photo of a {word}."`` (every class word and background word) of the
   patch-mean feature; target = the words the caption used for the image's classes and the image's background word,
-  weighted by their pixel share. The other synonyms of present classes are left out of the softmax.
-* ``patch``: the same softmax per patch token (projected post-layernormed token), target from the mask's pixel
-  shares in that patch: the caption's word for a class, the background word for background. This is an auxiliary
-  patch-level signal derived from the synthetic masks; it keeps patch tokens class-specific so GradCAM localises.
-  Its word targets are the caption's words, so rare names ("zebra") are trained only as often as captions use them.
+  weighted by their pixel share. The other synonyms of present classes stay in the softmax as negatives
+  (``--synonym_negatives 1``), so the model learns how rarely a class is called by its rare name; that is what makes
+  the official names' CAMs poor (see examples/README.md).
+* ``patch``: each patch token (projected, post-layernormed) is classified against learnable per-class and
+  per-background prototypes (``--patch_targets prototypes``, a training-only head) or against the word prompts
+  (``words``); targets are the mask's pixel shares in that patch. This is an auxiliary patch-level signal derived
+  from the synthetic masks; it keeps patch tokens class-specific so GradCAM localises.
 
 Usage::
 
@@ -302,7 +304,7 @@ def main():
     parser.add_argument("--word_negatives", choices=("all", "batch"), default="all",
                         help="words in the image loss's softmax: every class word in every step, or only the words "
                              "the batch's captions use (CLIP-like: a word is trained only in batches that mention it)")
-    parser.add_argument("--patch_targets", choices=("words", "prototypes"), default="words",
+    parser.add_argument("--patch_targets", choices=("words", "prototypes"), default="prototypes",
                         help="what the patch loss scores patch tokens against: the word prompts, or learnable "
                              "per-class/per-background prototypes (the text tower then learns words image-level only)")
     parser.add_argument("--patch_scale", type=float, default=10.0, help="fixed logit scale of the patch loss")
