@@ -25,7 +25,7 @@ def replace_section(path: str, heading: str, body: str) -> None:
     """Replace (or append) the `heading` section of a markdown file, up to the next `## ` heading."""
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
     section = f"{heading}\n\n{body.strip()}\n\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)

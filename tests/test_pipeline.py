@@ -65,7 +65,7 @@ def test_unknown_label_lists_known_classes(pipe):
 def test_image_modes_are_converted(pipe, mode):
     base = random_image(32, 40)
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257))
+        image = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
         assert image.mode.startswith("I;16")
     elif mode == "P":
         image = base.convert("P")

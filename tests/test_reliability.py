@@ -69,10 +69,9 @@ def test_cams_are_deterministic(tiny_model, tiny_clip_dir):
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "selection.json"
     atomic_write_text(target, "old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp, open(tmp, "w") as f:
-            f.write("half")
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp, open(tmp, "w") as f:
+        f.write("half")
+        raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["selection.json"]
 

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from pole_hf import PolePromptModel
+from pole_hf.labels import class_indices
 from pole_hf.selection import (
     SelectionResult,
     WordChoice,
@@ -17,7 +18,6 @@ from pole_hf.selection import (
     resolve_candidates,
     select_class_words,
 )
-from pole_hf.labels import class_indices
 from pole_hf.vocab import VOC_SYNONYMS
 
 CANDIDATES = {"cat": ["cat", "feline", "kitty"], "dog": ["dog", "puppy", "hound"]}

@@ -15,7 +15,16 @@ __version__ = "0.1.0"
 AutoConfig.register(PoleConfig.model_type, PoleConfig, exist_ok=True)
 AutoModel.register(PoleConfig, PolePromptModel, exist_ok=True)
 
-from .pipeline_pole import PoleCamPipeline  # noqa: E402  (registers the "pole-cam" task)
+from .pipeline_pole import PoleCamPipeline
 
-__all__ = ["PoleConfig", "PolePromptModel", "PoleModelOutput", "PoleCamPipeline", "CamEngine", "CamOutput",
-           "TINY_CLIP", "TINY_PROMPTS", "__version__"]
+__all__ = [
+           "TINY_CLIP",
+           "TINY_PROMPTS",
+           "CamEngine",
+           "CamOutput",
+           "PoleCamPipeline",
+           "PoleConfig",
+           "PoleModelOutput",
+           "PolePromptModel",
+           "__version__",
+]

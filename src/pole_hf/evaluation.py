@@ -7,7 +7,7 @@ Partial results of several processes add up with `merge`.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class ConfusionMatrix:
                 f"{self.ignore_index}); check num_classes or the label mapping."
             )
 
-    def update(self, pred: np.ndarray, target: np.ndarray) -> "ConfusionMatrix":
+    def update(self, pred: np.ndarray, target: np.ndarray) -> ConfusionMatrix:
         """Adds one prediction / ground-truth pair (any matching shape; arrays or "P"/"L" PIL images).
 
         Args:
@@ -78,7 +78,7 @@ class ConfusionMatrix:
         self.matrix += np.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
         return self
 
-    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Adds the counts of another matrix (e.g. from another process) into this one.
 
         Args:
@@ -243,7 +243,7 @@ class ThresholdSweep:
         self.crf = crf
         self.matrices = [ConfusionMatrix(num_classes, ignore_index) for _ in self.thresholds]
 
-    def update(self, cams: np.ndarray, class_ids: Sequence[int], target: np.ndarray, image=None) -> "ThresholdSweep":
+    def update(self, cams: np.ndarray, class_ids: Sequence[int], target: np.ndarray, image=None) -> ThresholdSweep:
         """Adds one image.
 
         Args:
@@ -267,7 +267,7 @@ class ThresholdSweep:
             matrix.update(pred, target)
         return self
 
-    def merge(self, other: "ThresholdSweep") -> "ThresholdSweep":
+    def merge(self, other: ThresholdSweep) -> ThresholdSweep:
         """Adds the counts of another sweep over the same thresholds and mode (e.g. from another process)."""
         if (other.thresholds, other.mode) != (self.thresholds, self.mode):
             raise ValueError(

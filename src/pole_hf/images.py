@@ -131,7 +131,7 @@ def _load_url(url: str, timeout: float) -> Image.Image:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (user-given image URL)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
     except OSError as err:
         raise ImageInputError(f"cannot fetch {url}: {err}; check the address or your connection") from err

@@ -7,7 +7,7 @@ The background rule follows CLIP-ES: either a power of the complement of the str
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

@@ -331,4 +331,4 @@ def _try_load_tokenizer(config: PoleConfig):
         return None
 
 
-__all__ = ["PolePromptModel", "PoleModelOutput"]
+__all__ = ["PoleModelOutput", "PolePromptModel"]

@@ -8,7 +8,6 @@ Registered with transformers on `import pole_hf` as the task ``"pole-cam"``::
 
 from __future__ import annotations
 
-
 import numpy as np
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY

@@ -27,8 +27,8 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .atomic import atomic_write_text
 from .images import load_image
-from .labels import class_indices
 from .images import pixel_values as to_pixel_values
+from .labels import class_indices
 from .vocab import SELECTION_TEMPLATE, VOC_SYNONYMS
 
 SELECTION_FORMAT = "pole_hf.selection"

@@ -3,7 +3,6 @@
 Load it offline with `evaluate.load("<path>/pole_hf/metrics/mean_iou")` or `pole_hf.evaluation.load_mean_iou_metric()`.
 """
 
-from typing import Dict, Optional
 
 import datasets
 import evaluate
@@ -67,8 +66,8 @@ class MeanIoU(evaluate.Metric):
         references,
         num_labels: int,
         ignore_index: int,
-        nan_to_num: Optional[float] = None,
-        label_map: Optional[Dict[int, int]] = None,
+        nan_to_num: float | None = None,
+        label_map: dict[int, int] | None = None,
         reduce_labels: bool = False,
         count_ignored_predictions: bool = False,
     ):
