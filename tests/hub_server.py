@@ -280,8 +280,7 @@ class _Handler(HubEndpoints, BaseHTTPRequestHandler):
             self._send(200, {})
             return True
         if segs == ["validate-yaml"]:
-            self._send(200, {"errors": [], "warnings": []})
-            return True
+            return self._validate_yaml()
         if segs[:1] == ["telemetry"]:
             self._send(200, {})
             return True

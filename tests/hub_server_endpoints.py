@@ -10,13 +10,64 @@ import json
 import secrets
 from urllib.parse import quote
 
+import yaml
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
 from hub_server_store import HubError
 
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
 
+def card_metadata_errors(content: str) -> list[str]:
+    """What the Hub's card validation would refuse in a README's YAML header (a subset: structure and types).
+
+    The header must be a YAML mapping between `---` lines; `tags`, `datasets` are lists of strings; `library_name`,
+    `license`, `pipeline_tag` strings; `base_model` a string or list of strings; `model-index` parses into eval results,
+    each with a task type, a dataset type and name, and numeric metric values.
+    """
+    if not content.startswith("---"):
+        return ["the card has no YAML metadata header between '---' lines"]
+    header = content.split("\n---", 1)[0][3:]
+    try:
+        meta = yaml.safe_load(header)
+    except yaml.YAMLError as err:
+        return [f"metadata is not valid YAML: {err}"]
+    if not isinstance(meta, dict):
+        return ["metadata must be a YAML mapping"]
+    errors = []
+    for key in ("tags", "datasets"):
+        if key in meta and not (isinstance(meta[key], list) and all(isinstance(v, str) for v in meta[key])):
+            errors.append(f'"{key}" must be a list of strings')
+    for key in ("library_name", "license", "pipeline_tag"):
+        if key in meta and not isinstance(meta[key], str):
+            errors.append(f'"{key}" must be a string')
+    base = meta.get("base_model")
+    if base is not None and not (isinstance(base, str) or (isinstance(base, list) and all(isinstance(v, str) for v in base))):
+        errors.append('"base_model" must be a string or a list of strings')
+    if "model-index" in meta:
+        try:
+            _, results = model_index_to_eval_results(meta["model-index"])
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            return [*errors, f'"model-index" is malformed: {type(err).__name__}: {err}']
+        for result in results:
+            if not (result.task_type and result.dataset_type and result.dataset_name):
+                errors.append('"model-index": every result needs task.type, dataset.type and dataset.name')
+            if not isinstance(result.metric_value, (int, float)) or isinstance(result.metric_value, bool):
+                errors.append(f'"model-index": metric {result.metric_type!r} has a non-numeric value '
+                              f"{result.metric_value!r}")
+    return errors
+
+
 class HubEndpoints:
     """Handlers returning `True` once they have answered the request (`False`: not this endpoint)."""
+
+    def _validate_yaml(self) -> bool:
+        errors = card_metadata_errors(str(self._json().get("content", "")))
+        if errors:
+            self._send(400, "; ".join(errors).encode(), {"Content-Type": "text/plain"})
+        else:
+            self._send(200, {"errors": [], "warnings": []})
+        return True
 
     def _create_repo(self) -> bool:
         if self.auth_user is None:

@@ -208,3 +208,39 @@ def test_datasets_push_to_hub_and_load_dataset(local_hub: LocalHub) -> None:
     back = load_dataset(repo_id, split="train")
     assert back.to_dict() == {"text": ["a", "b", "c"], "label": [0, 1, 0]}
     assert all(Path(local_hub.cache_dir).parent in Path(f["filename"]).parents for f in back.cache_files)
+
+
+GOOD_CARD = """---
+library_name: pole_hf
+tags: [pole, weakly-supervised-semantic-segmentation]
+base_model: openai/clip-vit-base-patch16
+model-index:
+- name: prompts
+  results:
+  - task: {type: image-segmentation, name: Weakly supervised semantic segmentation}
+    dataset: {type: synthetic, name: synthetic, split: test}
+    metrics:
+    - {type: cam_miou, value: 75.2, name: CAM mIoU}
+---
+# prompts
+"""
+
+
+@pytest.mark.parametrize("card, message", [
+    (GOOD_CARD, None),
+    ("# no metadata\n", "no YAML metadata header"),
+    (GOOD_CARD.replace("tags: [pole, weakly-supervised-semantic-segmentation]", "tags: pole"),
+     '"tags" must be a list of strings'),
+    (GOOD_CARD.replace("value: 75.2", "value: high"), "non-numeric value 'high'"),
+    (GOOD_CARD.replace("    dataset: {type: synthetic, name: synthetic, split: test}\n", ""),
+     '"model-index" is malformed'),
+])
+def test_card_validation_refuses_bad_metadata(local_hub: LocalHub, card: str, message: str | None) -> None:
+    from huggingface_hub import get_session
+
+    response = get_session().post(f"{local_hub.endpoint}/api/validate-yaml", headers={"Accept": "text/plain"},
+                                  json={"repoType": "model", "content": card})
+    if message is None:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 400 and message in response.text, response.text

@@ -18,13 +18,13 @@ AutoModel.register(PoleConfig, PolePromptModel, exist_ok=True)
 from .pipeline_pole import PoleCamPipeline
 
 __all__ = [
-           "TINY_CLIP",
-           "TINY_PROMPTS",
-           "CamEngine",
-           "CamOutput",
-           "PoleCamPipeline",
-           "PoleConfig",
-           "PoleModelOutput",
-           "PolePromptModel",
-           "__version__",
+    "TINY_CLIP",
+    "TINY_PROMPTS",
+    "CamEngine",
+    "CamOutput",
+    "PoleCamPipeline",
+    "PoleConfig",
+    "PoleModelOutput",
+    "PolePromptModel",
+    "__version__",
 ]
