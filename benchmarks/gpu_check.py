@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cam import CLASS_ORDER, build_model, reference_grid_cams  # noqa: E402
+from bench_cam import CLASS_ORDER, build_model, reference_grid_cams
 
 
 def timed(fn, device, warmup: int, repeats: int) -> float:

@@ -11,9 +11,8 @@ import secrets
 from urllib.parse import quote
 
 import yaml
-from huggingface_hub.repocard_data import model_index_to_eval_results
-
 from hub_server_store import HubError
+from huggingface_hub.repocard_data import model_index_to_eval_results
 
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
