@@ -25,7 +25,7 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from pole_hf.data.synthetic import SyntheticWorld, generate
 
 
-# ---------------------------------------------------------------------------------------------------- data and features
+# ------------------------------------------------------------------------------------------------ data and features
 def make_data(num_images: int, seed: int, image_size: int, split: str, world: SyntheticWorld):
     images = np.zeros((num_images, image_size, image_size, 3), np.uint8)
     masks = np.zeros((num_images, image_size, image_size), np.uint8)

@@ -21,8 +21,8 @@ def card_metadata_errors(content: str) -> list[str]:
     """What the Hub's card validation would refuse in a README's YAML header (a subset: structure and types).
 
     The header must be a YAML mapping between `---` lines; `tags`, `datasets` are lists of strings; `library_name`,
-    `license`, `pipeline_tag` strings; `base_model` a string or list of strings; `model-index` parses into eval results,
-    each with a task type, a dataset type and name, and numeric metric values.
+    `license`, `pipeline_tag` strings; `base_model` a string or list of strings; `model-index` parses into eval
+    results, each with a task type, a dataset type and name, and numeric metric values.
     """
     if not content.startswith("---"):
         return ["the card has no YAML metadata header between '---' lines"]
@@ -41,7 +41,8 @@ def card_metadata_errors(content: str) -> list[str]:
         if key in meta and not isinstance(meta[key], str):
             errors.append(f'"{key}" must be a string')
     base = meta.get("base_model")
-    if base is not None and not (isinstance(base, str) or (isinstance(base, list) and all(isinstance(v, str) for v in base))):
+    strings = isinstance(base, list) and all(isinstance(v, str) for v in base)
+    if base is not None and not (isinstance(base, str) or strings):
         errors.append('"base_model" must be a string or a list of strings')
     if "model-index" in meta:
         try:

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 AutoConfig.register(PoleConfig.model_type, PoleConfig, exist_ok=True)
 AutoModel.register(PoleConfig, PolePromptModel, exist_ok=True)
 
-from .pipeline_pole import PoleCamPipeline
+from .pipeline_pole import PoleCamPipeline  # after the Auto registration; registers the "pole-cam" task
 
 __all__ = [
     "TINY_CLIP",

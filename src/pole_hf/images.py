@@ -131,7 +131,7 @@ def _load_url(url: str, timeout: float) -> Image.Image:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # a user-given image URL
             data = response.read()
     except OSError as err:
         raise ImageInputError(f"cannot fetch {url}: {err}; check the address or your connection") from err

@@ -35,7 +35,8 @@ def class_indices(labels, class_names: Sequence[str], allow_empty: bool = True) 
             if not 0 <= index < len(names):
                 raise ValueError(f"label index {index} is out of range for {len(names)} classes")
         else:
-            raise ValueError(f"label {label!r} is neither a class name nor an index; known classes: {', '.join(names)}")
+            raise ValueError(f"label {label!r} is neither a class name nor an index; known classes: "
+                             f"{', '.join(names)}")
         if index not in out:
             out.append(index)
     if not out and not allow_empty:

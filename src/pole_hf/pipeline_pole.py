@@ -95,7 +95,9 @@ class PoleCamPipeline(Pipeline):
         if min(image.size) < patch:
             raise ValueError(f"image of size {image.size[0]}x{image.size[1]} is smaller than one {patch}x{patch} "
                              f"patch: give images of at least {patch} pixels per side")
-        return {"image": image, "class_indices": None if labels is None else class_indices(labels, self.model.config.class_names, allow_empty=False)}
+        names = self.model.config.class_names
+        indices = None if labels is None else class_indices(labels, names, allow_empty=False)
+        return {"image": image, "class_indices": indices}
 
     def _forward(self, model_inputs, refine=False, scales=(1.0,), flip=False, caa_layers=CAA_LAYERS,
                  max_side=MAX_SIDE):

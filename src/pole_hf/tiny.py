@@ -22,7 +22,9 @@ from .vocab import (
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 
-BASE_WORDS: tuple[str, ...] = ["a", "photo", "of", "an", "the", "and", "with", "on", "in", "clean", "origami", "picture", "image", "itself", "this", "there", "is", "are", "two", "three"]
+BASE_WORDS: tuple[str, ...] = tuple(
+    "a photo of an the and with on in clean origami picture image itself this there is are two three".split()
+)
 """Template words every tiny tokenizer knows as whole tokens."""
 
 
