@@ -54,8 +54,6 @@ def parse_args(argv=None):
     parser.add_argument("--loss_weights", default="10,25,1", help="POLE's OTM,BTM,CBS weights")
     parser.add_argument("--loss_image_feature", default=None, choices=["pooled", "patch_mean"],
                         help="image feature of the POLE losses (default: the model's config.image_feature)")
-    parser.add_argument("--cls_weight", type=float, default=0.0,
-                        help="weight of an extra multi-label softmax loss on the whole images (0: POLE's losses only)")
     parser.add_argument("--select", action="store_true", help="POLE word selection before learning")
     parser.add_argument("--select_images", type=int, default=100)
     parser.add_argument("--candidates", default=None,
@@ -130,7 +128,7 @@ def load_candidates(args) -> dict | None:
     if args.dataset.startswith("synthetic"):
         from pole_hf.data import SyntheticWorld
 
-        return {name: [word for word, _ in words] for name, words in SyntheticWorld().words.items()}
+        return SyntheticWorld().candidates
     return None
 
 
@@ -159,7 +157,6 @@ def training_function(args) -> dict:
     class_names = class_names_of(train_set)
     model = build_model(args, class_names).to(accelerator.device)
     processor = load_image_processor(model)
-    size = model.clip.config.vision_config.image_size
     selection = None
     if args.select:
         from pole_hf.selection import select_class_words
@@ -168,7 +165,7 @@ def training_function(args) -> dict:
         selection = select_class_words(model, subset, candidates=load_candidates(args), processor=processor,
                                        progress=accelerator.is_main_process)
         selection.apply(model)
-    data = PixelDataset(train_set, processor, (size, size))
+    data = PixelDataset(train_set, processor, (args.image_size, args.image_size))
     loader = DataLoader(data, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
     params = model.learnable_parameters()
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)

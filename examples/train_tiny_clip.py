@@ -60,8 +60,8 @@ TEMPLATE = "a photo of a {}."  # PoleConfig's default template: word prompts are
 def tokenizer_words(world: SyntheticWorld) -> list[str]:
     """World words (repeated so BPE makes each one token) + templates + background phrases + default words."""
     words = []
-    for spec_words in world.words.values():
-        words.extend(w for w, _ in spec_words)
+    for class_words in world.candidates.values():
+        words.extend(class_words)
     phrases = list(CAPTION_TEMPLATES) + list(BACKGROUND_PHRASES.values()) + [TEMPLATE, "and"]
     for phrase in phrases:
         words.extend(phrase.replace("{}", " ").replace(".", " ").split())
@@ -84,7 +84,7 @@ def build_model(vocab_size: int, bos: int, eos: int, args) -> CLIPModel:
 def train(args, world, data, tokenizer, model, mean, std):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    class_words = [[w for w, _ in world.words[name]] for name in world.class_names]
+    class_words = list(world.candidates.values())
     word_list = [w for ws in class_words for w in ws] + world.background_kinds
     word_index = {w: i for i, w in enumerate(word_list)}
     word_class = {w: c for c, ws in enumerate(class_words) for w in ws}
@@ -340,7 +340,7 @@ def main():
     import tempfile
     tok_dir = tempfile.mkdtemp(prefix="tinyclip_tok_")
     tokenizer = save_clip_tokenizer(tok_dir, tokenizer_words(world), args.num_merges, model_max_length=args.max_length)
-    for w in [w for ws in world.words.values() for w, _ in ws] + world.background_kinds:
+    for w in [w for ws in world.candidates.values() for w in ws] + world.background_kinds:
         pieces = tokenizer.tokenize(w)
         if len(pieces) != 1:
             print(f"note: word {w!r} is {len(pieces)} tokens: {pieces}")

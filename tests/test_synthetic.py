@@ -41,6 +41,9 @@ def test_world_table():
     for name in WORLD.rare_name_classes:
         assert dict(WORLD.words[name])[name] <= 0.05
     assert WORLD.frequent_word("zebra") == WORLD.frequent_word(0) == "stripes"
+    assert list(WORLD.candidates) == WORLD.class_names
+    assert WORLD.candidates["zebra"] == ["stripes", "bands", "streaks", "zebra"]
+    assert all(WORLD.candidates[name] == [w for w, _ in words] for name, words in WORLD.words.items())
 
 
 def test_world_rejects_bad_tables():

@@ -32,7 +32,7 @@ def demo_models(base: str | None = None, selection_images: int = 60, progress: b
                                          background_words=world.background_kinds)
     selected = PolePromptModel.from_clip(base or TINY_CLIP, class_names=world.class_names,
                                          background_words=world.background_kinds)
-    candidates = {name: [w for w, _ in words] for name, words in world.words.items()}
+    candidates = world.candidates
     pool = load_synthetic(num_images=selection_images, seed=1, image_size=official.clip.config.vision_config.image_size,
                           split="selection")
     result = select_class_words(selected, pool, candidates=candidates, processor=load_image_processor(selected),

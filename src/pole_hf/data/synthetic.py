@@ -153,6 +153,12 @@ class SyntheticWorld:
         return {spec.name: list(spec.words) for spec in self.classes}
 
     @property
+    def candidates(self) -> dict[str, list[str]]:
+        """Caption words per class in the class table's order, ``{class name: [word, ...]}``: the candidates POLE's
+        word selection chooses among."""
+        return {spec.name: list(words) for spec, words in zip(self.classes, self._word_lists)}
+
+    @property
     def background_kinds(self) -> list[str]:
         """Background kinds, e.g. ``["grass", "sky", "water", "sand"]``."""
         return list(BACKGROUND_PHRASES)
