@@ -78,15 +78,12 @@ def exact_set_accuracy(model, tokenizer, world, data, processor, words, max_leng
     return correct / len(data["labels"])
 
 
-def cam_eval(model_dir, world, data, class_words, refine=False):
+def cam_eval(clip, tokenizer, processor, world, data, class_words, refine=False):
     """CAM mIoU (9 labels, background included) with ground-truth labels; power {1, 2} and threshold sweeps."""
     from pole_hf.cam import CamEngine
     from pole_hf.evaluation import ThresholdSweep
     from pole_hf.modeling_pole import PolePromptModel
 
-    clip = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir)
-    processor = CLIPImageProcessor.from_pretrained(model_dir)
     pole = PolePromptModel.from_clip(clip, class_names=world.class_names, class_words=class_words,
                                      background_words=world.background_kinds, tokenizer=tokenizer).eval()
     engine = CamEngine(pole)
@@ -117,8 +114,8 @@ def evaluate(model_dir, world, data, max_length, out_json=None):
     report = {"num_images": len(data["labels"])}
     report["acc_official"] = exact_set_accuracy(clip, tokenizer, world, data, processor, official, max_length)
     report["acc_frequent"] = exact_set_accuracy(clip, tokenizer, world, data, processor, frequent, max_length)
-    report["cam_official"] = cam_eval(model_dir, world, data, official)
-    report["cam_frequent"] = cam_eval(model_dir, world, data, frequent)
+    report["cam_official"] = cam_eval(clip, tokenizer, processor, world, data, official)
+    report["cam_frequent"] = cam_eval(clip, tokenizer, processor, world, data, frequent)
     names = ["background"] + official
     lines = [f"held-out images: {report['num_images']}",
              f"zero-shot exact-set accuracy (retrieval over 92 label sets): official names "
