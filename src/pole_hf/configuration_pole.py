@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 from transformers import CLIPConfig, PreTrainedConfig
@@ -122,6 +123,15 @@ class PoleConfig(PreTrainedConfig):
     def num_classes(self) -> int:
         """Number of foreground classes."""
         return len(self.class_names)
+
+    def to_dict(self) -> dict:
+        """As `PreTrainedConfig.to_dict`, without the base's machine-local folder in the embedded CLIP config: a saved
+        or pushed config refers to its base by `base_model_name_or_path` only."""
+        output = super().to_dict()
+        clip = output.get("clip_config")
+        if isinstance(clip, dict) and os.path.isabs(clip.get("_name_or_path") or ""):
+            clip["_name_or_path"] = ""
+        return output
 
 
 __all__ = ["PoleConfig"]

@@ -101,15 +101,7 @@ def save_prompts(model, save_directory: str | os.PathLike, include_base: bool = 
         from transformers.dynamic_module_utils import custom_object_save
 
         custom_object_save(model, save_directory, config=config)
-    clip_config = config.clip_config
-    local_name = getattr(clip_config, "_name_or_path", "") or ""
-    if os.path.isabs(local_name):  # a machine-local path of the base means nothing elsewhere: not saved
-        clip_config._name_or_path = ""
-    try:
-        config.save_pretrained(save_directory)
-    finally:
-        if os.path.isabs(local_name):
-            clip_config._name_or_path = local_name
+    config.save_pretrained(save_directory)
     if push_to_hub:
         repo_id = kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
         model.push_to_hub(repo_id, **{k: v for k, v in kwargs.items() if k in ("token", "private", "revision",
