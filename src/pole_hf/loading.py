@@ -64,6 +64,14 @@ def load_base_tokenizer(path: str | None, revision: str | None = None, subfolder
     return tokenizer
 
 
+def try_load_base_tokenizer(path: str | None, revision: str | None = None, **hub_kwargs):
+    """:func:`load_base_tokenizer`, or `None` when the base has no loadable tokenizer (prompts files carry their ids)."""
+    try:
+        return load_base_tokenizer(path, revision=revision, **hub_kwargs)
+    except (OSError, ValueError):
+        return None
+
+
 def prompt_state_dict(model) -> dict[str, torch.Tensor]:
     """The prompt tensors of a model: everything except the base CLIP's weights."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
@@ -163,11 +171,8 @@ def load_prompts(cls, path: str | os.PathLike, *, base_model: CLIPModel | None =
     if config.clip_config is not None:
         check_base_matches(config.clip_config, base_model.config, path)
     if tokenizer is None:
-        try:
-            tokenizer = load_base_tokenizer(config.base_model_name_or_path or base_model.config.name_or_path,
+        tokenizer = try_load_base_tokenizer(config.base_model_name_or_path or base_model.config.name_or_path,
                                             revision=config.base_model_revision, **hub)
-        except (OSError, ValueError):
-            tokenizer = None
     model = cls(config, clip_model=base_model, tokenizer=tokenizer, load_tokenizer=False)
     load_prompt_tensors(model, prompts_file)
     return model.eval()

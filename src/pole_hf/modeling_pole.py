@@ -84,7 +84,9 @@ class PolePromptModel(PreTrainedModel):
             self.visual_adapter = self.text_adapter = None
         self.post_init()
         if tokenizer is None and load_tokenizer:
-            tokenizer = _try_load_tokenizer(config)
+            from .loading import try_load_base_tokenizer
+
+            tokenizer = try_load_base_tokenizer(config.base_model_name_or_path, revision=config.base_model_revision)
         self.tokenizer = tokenizer
         self._text_cache: dict = {}
         if self.tokenizer is not None:
@@ -319,16 +321,6 @@ def multilabel_softmax_loss(logits_all: torch.Tensor, labels: torch.Tensor) -> t
         return logits_all.sum() * 0.0
     targets = targets[keep] / targets[keep].sum(1, keepdim=True)
     return -(targets * logits_all[keep].log_softmax(-1)).sum(1).mean()
-
-
-def _try_load_tokenizer(config: PoleConfig):
-    """The base's tokenizer when it can be loaded (local folder, cache, bundled CLIP), else `None`."""
-    from .loading import load_base_tokenizer
-
-    try:
-        return load_base_tokenizer(config.base_model_name_or_path, revision=config.base_model_revision)
-    except (OSError, ValueError):
-        return None
 
 
 __all__ = ["PoleModelOutput", "PolePromptModel"]
