@@ -22,10 +22,20 @@ def world_base(tmp_path_factory):
     from pole_hf.tiny import build_tiny_clip, default_words
 
     world = SyntheticWorld()
-    words = default_words() + [w for ws in world.words.values() for w, _ in ws for w in w.split()]
+    words = default_words() + [piece for ws in world.candidates.values() for w in ws for piece in w.split()]
     path = tmp_path_factory.mktemp("world-clip")
     build_tiny_clip(str(path), image_size=64, words=words + world.background_kinds)
     return str(path)
+
+
+def import_script():
+    """examples/train_pole.py as a module, to call its functions in this process."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import train_pole
+    finally:
+        sys.path.pop(0)
+    return train_pole
 
 
 def run(args, processes=1, env=None, wait=True):
@@ -48,11 +58,7 @@ COMMON = ["--dataset", "synthetic", "--num_images", "16", "--train_batch_size", 
 
 
 def test_loss_goes_down_in_process(world_base, tmp_path):
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        import train_pole
-    finally:
-        sys.path.pop(0)
+    train_pole = import_script()
     result = train_pole.main(["--dataset", "synthetic", "--num_images", "4", "--train_batch_size", "4",
                               "--base", world_base, "--output_dir", str(tmp_path), "--max_train_steps", "8",
                               "--learning_rate", "0.01", "--cpu"])
@@ -133,11 +139,7 @@ def test_loss_terms_and_rate_reach_the_trackers_with_periodic_eval(world_base, t
         def log(self, values, step=None, **kwargs):
             self.logged.append((step, dict(values)))
 
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        import train_pole
-    finally:
-        sys.path.pop(0)
+    train_pole = import_script()
     recorder = Recorder()
     args = train_pole.parse_args(["--dataset", "synthetic", "--num_images", "8", "--train_batch_size", "4",
                                   "--base", world_base, "--output_dir", str(tmp_path), "--max_train_steps", "2",
