@@ -18,4 +18,6 @@ def has_tiny_clip() -> bool:
 
 def is_tiny_clip(path: str | None) -> bool:
     """Whether `path` is the bundled tiny CLIP's folder (saved configs then refer to it as `None`)."""
-    return bool(path) and os.path.isdir(path) and os.path.samefile(path, TINY_CLIP) if has_tiny_clip() else False
+    if not path or not has_tiny_clip() or not os.path.isdir(path):
+        return False
+    return os.path.samefile(path, TINY_CLIP)
