@@ -32,6 +32,7 @@ from pole_hf.data.spec import SPEC_HELP, ExampleReader, class_names_of, load_dat
 from pole_hf.images import pixel_values as to_pixel_values
 from pole_hf.objective import PoleObjective
 from pole_hf.pipeline_pole import load_image_processor
+from pole_hf.training import checkpoint_step, latest_checkpoint, save_checkpoint
 
 logger = logging.getLogger("train_pole")
 
@@ -192,7 +193,7 @@ def training_function(args) -> dict:
         if path:
             accelerator.load_state(path)
             model._text_cache.clear()
-            step = int(os.path.basename(path).split("_")[-1])
+            step = checkpoint_step(path)
             start_epoch, skip = divmod(step, steps_per_epoch)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, desc="POLE")
     history = []
@@ -245,24 +246,6 @@ def training_function(args) -> dict:
         save_outputs(args, model, selection, result)
     accelerator.end_training()
     return result
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int) -> None:
-    """`save_state` into a temporary folder, renamed when complete: a kill never leaves a partial checkpoint."""
-    final = os.path.join(output_dir, f"checkpoint_{step}")
-    partial = final + ".partial"
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        os.replace(partial, final)
-    accelerator.wait_for_everyone()
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    if not os.path.isdir(output_dir):
-        return None
-    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint_") and d.split("_")[-1].isdigit()]
-    return os.path.join(output_dir, max(found, key=lambda d: int(d.split("_")[-1]))) if found else None
 
 
 def evaluate(args, model, processor) -> float | None:
