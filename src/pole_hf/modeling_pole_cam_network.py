@@ -107,9 +107,17 @@ class PoleCamNetwork(PreTrainedModel):
         config = PoleCamNetworkConfig(backbone_config=backbone.config, class_names=class_names, **config_options)
         return cls(config, backbone=backbone)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> PoleCamNetwork:
+        """`PreTrainedModel.from_pretrained`, with the stem frozen again (loading hands back fresh parameters)."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model._freeze_stem()
+        return model
+
     def train(self, mode: bool = True):
         """Train mode, with the frozen stem (and, with `config.freeze_batch_norm`, every BatchNorm) kept in eval."""
         super().train(mode)
+        self._freeze_stem()
         if mode and self.config.freeze_batch_norm:
             for module in self.modules():
                 if isinstance(module, nn.BatchNorm2d):
