@@ -21,9 +21,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .cam_network_objective import (CLASSIFICATION_SETTINGS, CLIMS_BACKGROUND_WORDS, CLIMS_SETTINGS,
@@ -31,7 +30,7 @@ from .cam_network_objective import (CLASSIFICATION_SETTINGS, CLIMS_BACKGROUND_WO
                                     CamNetworkObjective, freeze_for_variant, variant_options)
 from .data.spec import SPEC_HELP, ExampleReader, class_names_of, load_dataset_spec
 from .images import pixel_values as to_pixel_values
-from .training import checkpoint_step, latest_checkpoint, save_checkpoint
+from .training import checkpoint_step, epoch_batches, latest_checkpoint, save_checkpoint
 
 logger = logging.getLogger("train_cam_network")
 SYNTHETIC_IMAGE_SIZE = 128
@@ -128,8 +127,9 @@ class NetworkDataset(torch.utils.data.Dataset):
         return pixels, labels, words
 
 
-def collate(batch):
-    return (torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch])
+def collate(batch, size: int):
+    pixels = torch.stack([b[0] for b in batch]) if batch else torch.zeros(0, 3, size, size)
+    return pixels, [b[1] for b in batch], [b[2] for b in batch]
 
 
 def normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
@@ -234,16 +234,15 @@ def run_selection(args) -> dict:
 
 
 def reduce_grads(accelerator, params) -> None:
+    """Sum every parameter's gradient over the processes (a missing one counts as zeros on that process)."""
     for param in params:
-        if param.grad is not None:
-            param.grad = accelerator.reduce(param.grad, "sum")
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        param.grad = accelerator.reduce(grad, "sum")
 
 
 def training_function(args) -> dict:
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.report_to,
-                              project_dir=args.output_dir,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=False,
-                                                                        use_seedable_sampler=True))
+                              project_dir=args.output_dir)
     if accelerator.is_main_process:
         print(f"train_cam_network: {accelerator.num_processes} process(es), distributed type "
               f"{accelerator.distributed_type.value}, stage {args.stage}"
@@ -262,7 +261,6 @@ def training_function(args) -> dict:
         if args.variant == "pole" and "class_words" not in train_set.column_names:
             raise ValueError("variant pole needs per-pair words: --selection selection.json")
     data = NetworkDataset(train_set, args.image_size)
-    loader = DataLoader(data, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
     backbone, classifier = network.parameter_groups()
     groups = [{"params": backbone, "lr": args.learning_rate},
               {"params": classifier, "lr": args.learning_rate * args.classifier_lr_factor}]
@@ -270,13 +268,14 @@ def training_function(args) -> dict:
         groups.append({"params": prompt_params, "lr": args.learning_rate * args.prompt_lr_factor})
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.SGD(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(len(data) / args.train_batch_size)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(0.0, 1 - step / max_steps) ** args.poly_power)
     # the network is not wrapped in DDP: every process scales its loss by its share, gradients are summed below
-    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    optimizer = accelerator.prepare(optimizer)  # the scheduler stays unprepared: it steps once per global step
+    accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(network)
     if prompt_model is not None:
         for part in (prompt_model.prompt_learner, prompt_model.visual_adapter, prompt_model.text_adapter):
@@ -306,11 +305,13 @@ def training_function(args) -> dict:
     history = []
     try:
         for epoch in range(start_epoch, epochs):
-            loader.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, skip) if epoch == start_epoch and skip else loader
-            for pixels, labels, words in batches:
+            parts = epoch_batches(len(data), args.train_batch_size, args.seed, epoch, accelerator.process_index,
+                                  accelerator.num_processes)
+            for part in parts[skip if epoch == start_epoch else 0:]:
                 if step >= max_steps:
                     break
+                pixels, labels, words = collate([data[i] for i in part], args.image_size)
+                pixels = pixels.to(accelerator.device)
                 logs = train_step(args, accelerator, network, prompt_model, objective, pixels, labels, words,
                                   clip_norm)
                 optimizer.zero_grad()
@@ -329,7 +330,6 @@ def training_function(args) -> dict:
                 progress.set_postfix(loss=f"{logs['loss']:.3f}")
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args.output_dir, step)
-            skip = 0
     finally:
         progress.close()
     accelerator.wait_for_everyone()
@@ -350,6 +350,9 @@ def train_step(args, accelerator, network, prompt_model, objective, pixels, labe
     local = len(labels) if prompt_model is None else sum(len(ls) for ls in labels)
     total = max(int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")), 1)
     share = local / total
+    if not labels:  # this process's part of an uneven last batch is empty: it adds nothing
+        zero = sum(p.sum() * 0.0 for p in network.parameters() if p.requires_grad)
+        return {"_loss": zero, "loss": accelerator.reduce(zero.detach(), "sum").item()}
     with accelerator.autocast():
         out = network(normalise(pixels, config.image_mean, config.image_std).to(network.dtype))
     if prompt_model is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["checkpoint_step", "latest_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_step", "epoch_batches", "latest_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_PREFIX = "checkpoint_"
 
@@ -45,3 +45,20 @@ def latest_checkpoint(output_dir: str) -> str | None:
         return None
     found = [d for d in os.listdir(output_dir) if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
     return os.path.join(output_dir, max(found, key=checkpoint_step)) if found else None
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, process_index: int = 0,
+                  num_processes: int = 1) -> list[list[int]]:
+    """This process's share of every global batch of one epoch: the same shuffled global batches for any number of
+    processes (a permutation seeded by `seed` and `epoch`), each split into contiguous per-process parts.
+
+    The last global batch may be smaller; a process whose part is empty still gets an (empty) entry, so every
+    process runs the same number of steps. accelerate's `split_batches` sampler orders batches differently for
+    different process counts and drops a process's share of an uneven last batch, which this avoids.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(int(seed) * 100003 + int(epoch))
+    order = torch.randperm(num_items, generator=generator)
+    return [part.tolist() for start in range(0, num_items, batch_size)
+            for part in [torch.tensor_split(order[start:start + batch_size], num_processes)[process_index]]]
