@@ -92,3 +92,14 @@ def test_selection_words_are_written_with_the_dataset_per_pair():
     assert written["class_words"] == [[f"w{i}{c}" for c in sorted(set(ls))] for i, ls in enumerate(data["labels"])]
     with pytest.raises(ValueError, match="no word for image 0"):
         with_pair_words(data, SelectionResult(candidates={}, choices=choices[1:]))
+
+
+def test_cli_camnet_route_runs_the_packaged_loop(tmp_path, monkeypatch):
+    from pole_hf import PoleCamNetwork
+    from pole_hf.cli import main
+
+    monkeypatch.setenv("PYTHONPATH", os.path.join(ROOT, "src"))
+    out = tmp_path / "camnet"
+    assert main(["train", "--route", "camnet", "--", *COMMON, "--stage", "classification", "--max_train_steps", "1",
+                 "--output_dir", str(out)]) == 0
+    assert PoleCamNetwork.from_pretrained(out).config.class_names[0] == "zebra"

@@ -79,9 +79,12 @@ def cmd_select(args) -> None:
 
 
 def cmd_train(args, extra: list[str]) -> None:
-    script = find_example("train_pole.py")
-    command = ["accelerate", "launch", *args.launch_args.split(), script, *extra] if args.launch_args else \
-        [sys.executable, script, *extra]
+    if getattr(args, "route", "clip-es") == "camnet":  # the paper's route; its loop ships in the package
+        target = ["-m", "pole_hf.cam_network_training"]
+    else:
+        target = [find_example("train_pole.py")]
+    command = ["accelerate", "launch", *args.launch_args.split(), *target, *extra] if args.launch_args else \
+        [sys.executable, *target, *extra]
     code = subprocess.call(command)
     if code:
         raise CliError(f"training exited with code {code}")
@@ -149,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--refine", action="store_true")
             p.add_argument("--out", default=None, help="write the result as JSON")
 
-    train = sub.add_parser("train", help="run examples/train_pole.py (arguments after -- go to the script)")
+    train = sub.add_parser("train", help="run examples/train_pole.py or, with --route camnet, the CAM network "
+                                         "training (arguments after -- go to the script)")
     train.add_argument("--launch_args", default="", help="e.g. '--cpu --num_processes 2' for accelerate launch")
+    train.add_argument("--route", default="clip-es", choices=["clip-es", "camnet"],
+                       help="clip-es: learn prompts for GradCAM of CLIP (train_pole.py); camnet: train a CAM network "
+                            "through frozen CLIP (CLIMS / POLE, train_cam_network.py)")
 
     push = sub.add_parser("push", help="push a prompts folder to the Hub")
     push.add_argument("folder")
