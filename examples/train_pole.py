@@ -50,7 +50,10 @@ def parse_args(argv=None):
     parser.add_argument("--class_words", default=None, help="JSON {class: word} for the initial prompt words")
     parser.add_argument("--background_words", nargs="*", default=None)
     parser.add_argument("--class_token_length", type=int, default=1)
-    parser.add_argument("--learn_context", action="store_true")
+    parser.add_argument("--learn_context", action="store_true", help="also learn the context (same as --learn both)")
+    parser.add_argument("--learn", default=None, choices=["class_tokens", "context", "both"],
+                        help="what the prompts learn: the class tokens (POLE/DeFo, the default), the context alone "
+                             "with the class tokens frozen (CoOp), or both")
     parser.add_argument("--use_adapters", action="store_true")
     parser.add_argument("--loss_weights", default="10,25,1", help="POLE's OTM,BTM,CBS weights")
     parser.add_argument("--loss_image_feature", default=None, choices=["pooled", "patch_mean"],
@@ -109,7 +112,7 @@ def collate(batch):
 def build_model(args, class_names):
     if args.prompts:
         return PolePromptModel.from_pretrained(args.prompts)
-    options = dict(class_token_length=args.class_token_length, learn_context=args.learn_context,
+    options = dict(class_token_length=args.class_token_length, learn_context=learned_parts(args) != {"class_tokens"},
                    use_adapters=args.use_adapters)
     if args.class_words:
         options["class_words"] = json.loads(args.class_words)
@@ -120,6 +123,19 @@ def build_model(args, class_names):
 
         options["background_words"] = SyntheticWorld().background_kinds
     return PolePromptModel.from_clip(args.base or TINY_CLIP, class_names=class_names, **options)
+
+
+def learned_parts(args) -> set[str]:
+    """The prompt parts `--learn` (or `--learn_context`) trains: `class_tokens` and/or `context`."""
+    learn = args.learn or ("both" if args.learn_context else "class_tokens")
+    return {"class_tokens", "context"} if learn == "both" else {learn}
+
+
+def freeze_unlearned(model, parts: set[str]) -> None:
+    """CoOp: the class tokens stay as initialised (the official names) when only the context learns."""
+    model.prompt_learner.class_tokens.requires_grad_("class_tokens" in parts)
+    if model.prompt_learner.context is not None:
+        model.prompt_learner.context.requires_grad_("context" in parts)
 
 
 def load_candidates(args) -> dict | None:
@@ -168,7 +184,8 @@ def training_function(args) -> dict:
         selection.apply(model)
     data = PixelDataset(train_set, processor, (args.image_size, args.image_size))
     loader = DataLoader(data, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
-    params = model.learnable_parameters()
+    freeze_unlearned(model, learned_parts(args))
+    params = [p for p in model.learnable_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     steps_per_epoch = len(loader)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch

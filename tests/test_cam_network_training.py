@@ -103,3 +103,27 @@ def test_cli_camnet_route_runs_the_packaged_loop(tmp_path, monkeypatch):
     assert main(["train", "--route", "camnet", "--", *COMMON, "--stage", "classification", "--max_train_steps", "1",
                  "--output_dir", str(out)]) == 0
     assert PoleCamNetwork.from_pretrained(out).config.class_names[0] == "zebra"
+
+
+@pytest.mark.parametrize("learn,tokens_move,context_moves", [("context", False, True), ("class_tokens", True, False)])
+def test_train_pole_learns_the_context_alone_or_the_class_tokens_alone(tmp_path, learn, tokens_move, context_moves):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import train_pole
+    finally:
+        sys.path.pop(0)
+    from pole_hf import PolePromptModel
+    from pole_hf.bundled import TINY_CLIP
+    from pole_hf.data import SyntheticWorld
+
+    world = SyntheticWorld()
+    start = PolePromptModel.from_clip(TINY_CLIP, class_names=world.class_names, learn_context=True,
+                                      background_words=world.background_kinds)
+    train_pole.main(["--dataset", "synthetic", "--num_images", "4", "--train_batch_size", "4", "--max_train_steps",
+                     "2", "--learning_rate", "0.05", "--learn", learn, "--output_dir",
+                     str(tmp_path), "--cpu"])
+    saved = load_file(os.path.join(tmp_path, "model.safetensors"))
+    moved = {name: f"prompt_learner.{name}" in saved and not torch.equal(
+        saved[f"prompt_learner.{name}"], getattr(start.prompt_learner, name).detach())
+        for name in ("class_tokens", "context")}
+    assert moved == {"class_tokens": tokens_move, "context": context_moves}
