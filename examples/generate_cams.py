@@ -33,6 +33,7 @@ from pole_hf.data.spec import (
 from pole_hf.evaluation import ConfusionMatrix
 from pole_hf.masks import cams_to_mask, image_to_mask, mask_to_image
 from pole_hf.pipeline_pole import load_image_processor
+from pole_hf.training import log_run_start
 
 logger = logging.getLogger("generate_cams")
 
@@ -58,6 +59,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=args.cpu)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_run_start(logger, accelerator, "generate_cams.py")
     from pole_hf.bundled import TINY_PROMPTS
 
     model = PolePromptModel.from_pretrained(args.model or TINY_PROMPTS).to(accelerator.device)
