@@ -2,12 +2,13 @@
 
     accelerate launch examples/train_pole.py --dataset voc:/data/VOCdevkit/VOC2012 \
         --base openai/clip-vit-base-patch16 --output_dir out/
-    accelerate launch --cpu --num_processes 2 examples/train_pole.py --dataset synthetic --output_dir out/
+    accelerate launch --multi_gpu --num_processes 2 examples/train_pole.py --cpu --dataset synthetic --output_dir out/
 
 Each step: CAMs of the current prompts (detached) for every (image, label) pair, CAM-masked foreground and
 background images, POLE's OTM + BTM + CBS loss; gradients reach only the class tokens (and the optional context and
-adapters). The global batch is split across processes (`split_batches`), and each process's loss is scaled by its
-share of the global pairs, so gradients summed over processes equal the one-process gradient of the same batch.
+adapters). Every process draws the same global batches and keeps its slice by position (an uneven last batch is split
+without padding), and each process's loss is scaled by its share of the global pairs, so gradients summed over
+processes equal the one-process gradient of the same batch.
 """
 
 from __future__ import annotations
