@@ -93,10 +93,11 @@ def test_cam_folder_with_per_image_labels(world_prompts, tmp_path, capsys):
     noise_image(folder / "q.png", seed=1)
     (folder / "notes.txt").write_text("not an image")
     labels = tmp_path / "labels.jsonl"
-    labels.write_text('{"file_name": "p.png", "labels": ["zebra"]}\n{"file_name": "q.png", "labels": ["dots", "fence"]}\n')
+    labels.write_text('{"file_name": "p.png", "labels": ["zebra"]}\n'
+                      '{"file_name": "q.png", "labels": ["dots", "fence"]}\n')
     assert main(["cam", str(folder), "--model", world_prompts, "--labels_file", str(labels), "--device", "cpu",
                  "--out", str(tmp_path / "o"), "--quiet"]) == 0
-    assert np.load(tmp_path / "o" / "p_cams.npy").shape[0] == 1 and np.load(tmp_path / "o" / "q_cams.npy").shape[0] == 2
+    assert [np.load(tmp_path / "o" / f"{n}_cams.npy").shape[0] for n in "pq"] == [1, 2]
     labels.write_text('{"file_name": "p.png", "labels": ["zebra"]}\n')
     assert main(["cam", str(folder), "--model", world_prompts, "--labels_file", str(labels), "--out",
                  str(tmp_path / "o2"), "--quiet"]) == 1

@@ -178,7 +178,7 @@ def positive_int(text: str) -> int:
 
 
 def _common_options() -> argparse.ArgumentParser:
-    """Options every subcommand takes, before or after its name (`pole-hf --quiet cam ...` or `pole-hf cam --quiet`)."""
+    """Options every subcommand takes, before or after its name (`pole-hf --quiet cam …`, `pole-hf cam --quiet`)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
