@@ -147,8 +147,8 @@ def load_voc(
         elif mask_path is not None:
             labels.append(_labels_from_mask(mask_path, len(class_names)))
         else:
-            raise FileNotFoundError(f"VOC image {image_id} has neither {xml_path} nor a mask in {mask_dir}: its labels "
-                                    "are unknown; restore one of them or drop the id from the split file.")
+            raise FileNotFoundError(f"VOC image {image_id} has neither {xml_path} nor a mask in {mask_dir}: its "
+                                    "labels are unknown; restore one of them or drop the id from the split file.")
         images.append(image_path)
         masks.append(mask_path)
         ids.append(image_id)
