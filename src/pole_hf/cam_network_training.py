@@ -30,7 +30,8 @@ from .cam_network_objective import (CLASSIFICATION_SETTINGS, CLIMS_BACKGROUND_WO
                                     CamNetworkObjective, freeze_for_variant, variant_options)
 from .data.spec import SPEC_HELP, ExampleReader, class_names_of, load_dataset_spec
 from .images import pixel_values as to_pixel_values
-from .training import checkpoint_step, epoch_batches, latest_checkpoint, save_checkpoint
+from .training import (check_trackers, epoch_batches, latest_checkpoint, load_checkpoint, log_run_start,
+                       save_checkpoint)
 
 logger = logging.getLogger("train_cam_network")
 SYNTHETIC_IMAGE_SIZE = 128
@@ -241,13 +242,13 @@ def reduce_grads(accelerator, params) -> None:
 
 
 def training_function(args) -> dict:
+    check_trackers(args.report_to)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.report_to,
                               project_dir=args.output_dir)
+    line = log_run_start(logger, accelerator, "train_cam_network")
     if accelerator.is_main_process:
-        print(f"train_cam_network: {accelerator.num_processes} process(es), distributed type "
-              f"{accelerator.distributed_type.value}, stage {args.stage}"
-              + (f", variant {args.variant}{' + adapters' if args.use_adapters else ''}" if args.stage == "clims"
-                 else ""), flush=True)
+        print(line + f", stage {args.stage}" + (f", variant {args.variant}{' + adapters' if args.use_adapters else ''}"
+                                                if args.stage == "clims" else ""), flush=True)
     set_seed(args.seed)
     train_set = load_training_set(args)
     class_names = class_names_of(train_set)
@@ -275,12 +276,11 @@ def training_function(args) -> dict:
         optimizer, lambda step: max(0.0, 1 - step / max_steps) ** args.poly_power)
     # the network is not wrapped in DDP: every process scales its loss by its share, gradients are summed below
     optimizer = accelerator.prepare(optimizer)  # the scheduler stays unprepared: it steps once per global step
-    accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_for_checkpointing(network)
+    owned = {"network": network}  # modules outside prepare, stored as safetensors in every checkpoint
     if prompt_model is not None:
-        for part in (prompt_model.prompt_learner, prompt_model.visual_adapter, prompt_model.text_adapter):
-            if part is not None:
-                accelerator.register_for_checkpointing(part)
+        for name in ("prompt_learner", "visual_adapter", "text_adapter"):
+            if getattr(prompt_model, name) is not None:
+                owned[name] = getattr(prompt_model, name)
     if args.report_to:
         accelerator.init_trackers("pole_cam_network", config={k: v for k, v in vars(args).items()
                                                               if isinstance(v, (int, float, str, bool))})
@@ -295,10 +295,11 @@ def training_function(args) -> dict:
         path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" \
             else args.resume_from_checkpoint
         if path:
-            accelerator.load_state(path)
+            step = load_checkpoint(accelerator, path, owned)
             if prompt_model is not None:
                 prompt_model._text_cache.clear()
-            step = checkpoint_step(path)
+            for _ in range(step):  # the poly rate is a function of the step alone
+                scheduler.step()
             start_epoch, skip = divmod(step, steps_per_epoch)
     network.train()
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, desc=args.stage)
@@ -329,7 +330,7 @@ def training_function(args) -> dict:
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss']:.3f}")
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args.output_dir, step)
+                    save_checkpoint(accelerator, args.output_dir, step, owned)
     finally:
         progress.close()
     accelerator.wait_for_everyone()
@@ -391,7 +392,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         return run_selection(args) if args.stage == "select" else training_function(args)
-    except (FloatingPointError, ValueError, OSError) as err:
+    except (FloatingPointError, ValueError, OSError, ImportError) as err:
         print(f"train_cam_network.py: error: {str(err).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(1) from None
 
