@@ -64,6 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompts", default=None, help="start from saved prompts instead of the class names")
     parser.add_argument("--background_words", nargs="*", default=None, help="default: CLIMS's ten")
     parser.add_argument("--loss_weights", default=None, help="OTM,BTM,CBS weights (10,25,1)")
+    parser.add_argument("--loss_image_feature", default="pooled", choices=["pooled", "patch_mean"],
+                        help="CLIP image feature the losses score (CLIMS: pooled)")
     parser.add_argument("--area_weight", type=float, default=None, help="CLIMS's mean(map) term (0 in POLE)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--train_batch_size", type=int, default=None, help="global batch size")
@@ -258,7 +260,8 @@ def training_function(args) -> dict:
         prompt_model = build_prompt_model(args, class_names).to(accelerator.device)
         prompt_params = freeze_for_variant(prompt_model, args.variant)
         otm, btm, cbs = (float(w) for w in args.loss_weights.split(","))
-        objective = CamNetworkObjective(weights={"otm": otm, "btm": btm, "cbs": cbs})
+        objective = CamNetworkObjective(weights={"otm": otm, "btm": btm, "cbs": cbs},
+                                        image_feature=args.loss_image_feature)
         if args.variant == "pole" and "class_words" not in train_set.column_names:
             raise ValueError("variant pole needs per-pair words: --selection selection.json")
     data = NetworkDataset(train_set, args.image_size)
