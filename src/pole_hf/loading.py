@@ -19,7 +19,8 @@ from .configuration_pole import PoleConfig
 PROMPTS_FILE = "model.safetensors"
 BASE_SUBFOLDER = "base"
 PICKLE_FILES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt", "prompts.bin")
-ID_TENSORS = ("prefix_ids", "suffix_ids", "class_token_lengths", "background_ids", "background_lengths")
+ID_TENSORS = ("prefix_ids", "suffix_ids", "class_token_lengths", "background_ids", "background_lengths",
+              "class_tail_ids", "class_tail_lengths")
 HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "proxies")
 
 
@@ -206,6 +207,7 @@ def load_prompt_tensors(model, filename: str) -> None:
         raise ValueError(f"{filename} does not match this model's prompts: missing {missing}, unexpected {extra}")
     vocab = model.clip.config.text_config.vocab_size
     learner = model.prompt_learner
+    per_class = learner.fixed_length is None and learner.learnable_tokens == "all"
     for name, tensor in tensors.items():
         short = name.split(".")[-1]
         if short in ID_TENSORS:
@@ -219,15 +221,20 @@ def load_prompt_tensors(model, filename: str) -> None:
         want = tuple(expected[name].shape)
         if name == "prompt_learner.context":
             want = (tensors["prompt_learner.prefix_ids"].numel() - 1, want[1])
+        if name == "prompt_learner.class_tokens" and per_class and tensor.ndim == 3 and tensor.shape[1] >= 1:
+            want = (want[0], tensor.shape[1], want[2])  # a per-class length: as many slots as the file's longest word
         if tuple(tensor.shape) != want:
             raise ValueError(f"{filename}: {name} has shape {tuple(tensor.shape)} but this config and base CLIP "
                              f"expect {want}: the prompts were saved for other classes or another base")
-    if int(tensors["prompt_learner.class_token_lengths"].max()) > learner.class_tokens.shape[1]:
-        raise ValueError(f"{filename}: class_token_lengths exceed class_token_length {learner.class_tokens.shape[1]}")
+    slots = tensors["prompt_learner.class_tokens"].shape[1]
+    if int(tensors["prompt_learner.class_token_lengths"].max()) > slots:
+        raise ValueError(f"{filename}: class_token_lengths exceed the {slots} class-token slots it holds")
     with torch.no_grad():
         device = learner.class_tokens.device
+        learner.resize_class_tokens(slots)
         for short in ID_TENSORS:
-            setattr(learner, short, tensors[f"prompt_learner.{short}"].to(device=device, dtype=torch.long))
+            if f"prompt_learner.{short}" in tensors:
+                setattr(learner, short, tensors[f"prompt_learner.{short}"].to(device=device, dtype=torch.long))
         if learner.context is not None:
             learner.context = torch.nn.Parameter(tensors["prompt_learner.context"].to(device).float())
         params = dict(model.named_parameters())

@@ -75,7 +75,8 @@ class PolePromptModel(PreTrainedModel):
         self.clip.eval()
         text_width = clip_model.config.text_config.hidden_size
         self.prompt_learner = PolePromptLearner(config.num_classes, config.class_token_length, text_width,
-                                                len(config.background_words), config.learn_context)
+                                                len(config.background_words), config.learn_context,
+                                                config.learnable_tokens)
         if config.use_adapters:
             dim = clip_model.config.projection_dim
             self.visual_adapter = PoleAdapter(dim, config.adapter_reduction, config.adapter_ratio)
