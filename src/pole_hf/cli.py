@@ -16,11 +16,10 @@ class CliError(Exception):
     """An error to print as one line and exit with code 1."""
 
 
-def _model(path: str | None):
-    from . import PolePromptModel
-    from .bundled import TINY_PROMPTS
+def _model(path: str | None, base: str | None = None, preset: str | None = None):
+    from .loading import load_prompt_model
 
-    return PolePromptModel.from_pretrained(path or TINY_PROMPTS)
+    return load_prompt_model(path, base=base, preset=preset)
 
 
 def cmd_cam(args) -> None:
@@ -31,7 +30,10 @@ def cmd_cam(args) -> None:
     from .atomic import atomic_save_npy, atomic_save_png
     from .bundled import TINY_PROMPTS
 
-    pipe = pipeline("pole-cam", model=args.model or TINY_PROMPTS)
+    if args.preset or args.base:
+        pipe = pipeline("pole-cam", model=_model(args.model, args.base, args.preset))
+    else:
+        pipe = pipeline("pole-cam", model=args.model or TINY_PROMPTS)
     os.makedirs(args.out, exist_ok=True)
     for image in tqdm(args.images, desc="CAMs", disable=args.quiet):
         out = pipe(image, labels=args.labels, refine=args.refine, return_overlay=True)
@@ -46,7 +48,7 @@ def cmd_eval(args) -> None:
     from .data.spec import load_dataset_spec
     from .evaluation import evaluate_cams
 
-    model = _model(args.model)
+    model = _model(args.model, args.base, args.preset)
     dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
                                 class_names=model.config.class_names)
     result = evaluate_cams(model, dataset, refine=args.refine, progress=not args.quiet)
@@ -62,7 +64,7 @@ def cmd_select(args) -> None:
     from .pipeline_pole import load_image_processor
     from .selection import select_class_words
 
-    model = _model(args.model)
+    model = _model(args.model, args.base, args.preset)
     dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
                                 class_names=model.config.class_names)
     candidates = None
@@ -118,6 +120,16 @@ def cmd_demo(args) -> None:
     run_demo(output_dir=args.out, num_images=args.num_images, base=args.base, progress=not args.quiet)
 
 
+def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--preset` / `--base`: fresh prompts of a published setting instead of saved `--model` prompts."""
+    from .vocab import PROMPT_PRESETS
+
+    parser.add_argument("--preset", default=None, choices=sorted(PROMPT_PRESETS),
+                        help="untouched prompts of a paper's setting (clip-es-voc: CLIP-ES; pole-voc: CLIMS/POLE) "
+                             "instead of --model")
+    parser.add_argument("--base", default=None, help="base CLIP for --preset (default: the bundled tiny CLIP)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pole-hf", description="POLE prompts and CLIP-ES CAMs on Hugging Face")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -131,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     cam = sub.add_parser("cam", help="CAMs, pseudo masks and overlays for images")
     cam.add_argument("images", nargs="+")
     cam.add_argument("--model", default=None, help="prompts folder or Hub repo (default: bundled)")
+    add_preset_arguments(cam)
     cam.add_argument("--labels", nargs="*", default=None)
     cam.add_argument("--refine", action="store_true")
     cam.add_argument("--out", required=True)
@@ -138,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("select", "POLE class-word selection over a dataset"), ("eval", "CAM mIoU over a dataset")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--model", default=None)
+        add_preset_arguments(p)
         p.add_argument("--dataset", default="synthetic")
         p.add_argument("--split", default="train")
         p.add_argument("--num_images", type=int, default=None)

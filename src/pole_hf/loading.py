@@ -179,6 +179,33 @@ def load_prompts(cls, path: str | os.PathLike, *, base_model: CLIPModel | None =
     return model.eval()
 
 
+def load_prompt_model(model: str | None = None, base: str | None = None, preset: str | None = None, cls=None,
+                      **kwargs):
+    """The prompt model a script or the CLI asks for: saved prompts (`model`), or fresh, untouched prompts of a
+    published setting (`preset`, see `pole_hf.vocab.PROMPT_PRESETS`) on `base`; the bundled prompts when neither.
+
+    Args:
+        model: a prompts folder or Hub repo (default: `pole_hf.TINY_PROMPTS` when no preset is given).
+        base: the base CLIP of a preset (default: the bundled tiny CLIP); with `model`, the base to load it onto.
+        preset: `"clip-es-voc"` or `"pole-voc"`; cannot be combined with `model`.
+        cls: the model class (default `PolePromptModel`).
+        **kwargs: more `from_clip` options (with a preset) or `from_pretrained` options.
+    """
+    if cls is None:
+        from .modeling_pole import PolePromptModel as cls
+    if preset is not None:
+        if model is not None:
+            raise ValueError(f"give saved prompts ({model!r}) or a preset ({preset!r}), not both: a preset builds "
+                             "fresh prompts on --base")
+        return cls.from_clip(resolve_base_path(base), preset=preset, **kwargs)
+    from .bundled import TINY_PROMPTS
+
+    if base is not None:
+        kwargs["base_model"] = load_base_clip(base)
+        kwargs.setdefault("tokenizer", try_load_base_tokenizer(base))
+    return cls.from_pretrained(model or TINY_PROMPTS, **kwargs)
+
+
 def check_base_matches(saved, base, where: str) -> None:
     """Raise when prompts learned on `saved` (a CLIPConfig) cannot sit on `base`: text width, vocabulary, projection."""
     pairs = {
