@@ -33,7 +33,8 @@ def test_presets_hold_the_papers_settings():
     assert clip_es.class_words["person"] == "person with clothes,people,human"
     assert [pole.template.format(w) for w in pole.background_words] == CLIMS_VOC_BACKGROUND_PROMPTS
     assert pole.class_words["person"] == "player" and pole.class_words["diningtable"] == "dining table"
-    assert all(p.class_names == VOC_CLASSES and set(p.class_words) == set(VOC_CLASSES) for p in PROMPT_PRESETS.values())
+    for preset in PROMPT_PRESETS.values():
+        assert preset.class_names == VOC_CLASSES and set(preset.class_words) == set(VOC_CLASSES)
     with pytest.raises(ValueError, match=r"unknown prompt preset 'clip-es'.*'clip-es-voc', 'pole-voc'"):
         prompt_preset("clip-es")
 

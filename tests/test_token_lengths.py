@@ -40,7 +40,8 @@ def test_untouched_prompts_are_their_sentences(tiny_clip_dir, tiny_clip, tiny_to
     assert len(tiny_tokenizer(LONG_WORDS["person"], add_special_tokens=False).input_ids) > 5
     with torch.no_grad():
         features = model.get_text_features()
-    reference = sentence_features(tiny_clip, tiny_tokenizer, [template.format(w) for w in [*LONG_WORDS.values(), "sky"]])
+    sentences = [template.format(w) for w in [*LONG_WORDS.values(), "sky"]]
+    reference = sentence_features(tiny_clip, tiny_tokenizer, sentences)
     torch.testing.assert_close(features, reference, atol=1e-5, rtol=0)
 
 
@@ -171,3 +172,23 @@ def test_first_token_variant_learns_one_vector_per_class(tiny_clip_dir, tiny_tok
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, atol=0, rtol=0)
 
+
+
+def test_selection_switches_to_a_longer_word_and_keeps_learned_tokens(tiny_clip_dir, tiny_clip, tiny_tokenizer):
+    from pole_hf.selection import SelectionResult, WordChoice
+
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=["cat", "table"], background_words=[])
+    with torch.no_grad():
+        model.prompt_learner.class_tokens[0].add_(0.3)  # a learned-looking cat token
+    learned_cat = model.prompt_learner.class_tokens[0, :1].clone()
+    long_word = "person with clothes,people,human"
+    result = SelectionResult(candidates={"table": ["table", long_word]},
+                             choices=[WordChoice(0, "x", "table", long_word, {"table": 0.1, long_word: 0.9})])
+    assert result.apply(model) == {"table": long_word}
+    slots = len(tiny_tokenizer(long_word, add_special_tokens=False).input_ids)
+    assert model.prompt_learner.class_tokens.shape[1] == slots
+    torch.testing.assert_close(model.prompt_learner.class_tokens[0, :1], learned_cat, atol=0, rtol=0)
+    with torch.no_grad():
+        features = model.get_text_features()
+    torch.testing.assert_close(features[1], sentence_features(tiny_clip, tiny_tokenizer,
+                                                              [f"a photo of a {long_word}."])[0], atol=1e-5, rtol=0)
