@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pole_hf import PolePromptModel
 
@@ -171,6 +171,11 @@ def test_first_token_variant_learns_one_vector_per_class(tiny_clip_dir, tiny_tok
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, atol=0, rtol=0)
+    tensors = load_file(str(tmp_path / "defo" / "model.safetensors"))
+    tensors["prompt_learner.class_tail_lengths"][2] = 99
+    save_file(tensors, str(tmp_path / "defo" / "model.safetensors"))
+    with pytest.raises(ValueError, match="class_tail_lengths exceed the .* tail token ids"):
+        PolePromptModel.from_pretrained(tmp_path / "defo")
 
 
 

@@ -256,6 +256,11 @@ def load_prompt_tensors(model, filename: str) -> None:
     slots = tensors["prompt_learner.class_tokens"].shape[1]
     if int(tensors["prompt_learner.class_token_lengths"].max()) > slots:
         raise ValueError(f"{filename}: class_token_lengths exceed the {slots} class-token slots it holds")
+    tail_ids = tensors.get("prompt_learner.class_tail_ids")
+    tail_lengths = tensors.get("prompt_learner.class_tail_lengths")
+    if tail_ids is not None and tail_lengths.numel() and int(tail_lengths.max()) > tail_ids.shape[-1]:
+        raise ValueError(f"{filename}: class_tail_lengths exceed the {tail_ids.shape[-1]} tail token ids it holds: "
+                         "re-save the prompts")
     with torch.no_grad():
         device = learner.class_tokens.device
         learner.resize_class_tokens(slots)

@@ -1,7 +1,8 @@
 """Class lists, POLE synonym candidates and background words shipped as data (PASCAL VOC 2012, COCO).
 
 Sources: PASCAL VOC 2012 devkit class order; CLIP-ES ``clip_text.py`` (hand-picked words, background words);
-POLE ``utils.py`` (candidate class words); CLIMS/POLE ``clip_utils.py`` (prompt words).
+POLE ``utils.py`` (candidate class words); CLIMS/POLE ``clip_utils.py`` (prompt words, background prompts). The
+papers' whole prompt settings are bundled as `PROMPT_PRESETS` (``"clip-es-voc"``, ``"pole-voc"``).
 """
 
 from __future__ import annotations
