@@ -34,6 +34,7 @@ from pole_hf.evaluation import ConfusionMatrix
 from pole_hf.loading import load_prompt_model
 from pole_hf.masks import cams_to_mask, image_to_mask, mask_to_image
 from pole_hf.pipeline_pole import load_image_processor
+from pole_hf.training import log_run_start
 from pole_hf.vocab import PROMPT_PRESETS
 
 logger = logging.getLogger("generate_cams")
@@ -64,6 +65,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=args.cpu)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_run_start(logger, accelerator, "generate_cams.py")
     model = load_prompt_model(args.model, base=args.base, preset=args.preset).to(accelerator.device)
     processor = load_image_processor(model)
     engine = CamEngine(model)

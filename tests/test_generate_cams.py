@@ -3,12 +3,11 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from launch import run_script
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,14 +17,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
 def launch(args, processes=1, wait=True):
-    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 \
-        else [sys.executable]
-    command = [*prefix, SCRIPT, "--cpu", *args]
     if not wait:
-        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+        return run_script(SCRIPT, args, processes=processes, wait=False)
+    run_script(SCRIPT, args, processes=processes)
     return json.loads(open(os.path.join(args[args.index("--output_dir") + 1], "summary.json")).read())
 
 

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="write the result as JSON")
 
     train = sub.add_parser("train", help="run examples/train_pole.py (arguments after -- go to the script)")
-    train.add_argument("--launch_args", default="", help="e.g. '--cpu --num_processes 2' for accelerate launch")
+    train.add_argument("--launch_args", default="", help="accelerate launch options, e.g. '--multi_gpu --num_processes 2' (add --cpu after --)")
 
     push = sub.add_parser("push", help="push a prompts folder to the Hub")
     push.add_argument("folder")

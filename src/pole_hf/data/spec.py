@@ -14,6 +14,8 @@ from PIL import Image
 from ..images import ImageInputError, load_image
 
 SPEC_HELP = "synthetic | voc:/path/VOC2012 | coco:/path/instances.json,/path/images | imagefolder:/path/or/repo"
+SYNTHETIC_SPLITS = ("train", "val", "validation", "test")
+"""Split names a `synthetic` spec accepts (each its own random stream; a typo would silently be another stream)."""
 
 
 def load_dataset_spec(spec: str, split: str = "train", num_images: int | None = None, seed: int = 0,
@@ -25,6 +27,8 @@ def load_dataset_spec(spec: str, split: str = "train", num_images: int | None = 
 
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
+        if split not in SYNTHETIC_SPLITS:
+            raise ValueError(f"split {split!r} is not a split of the synthetic world: use one of {SYNTHETIC_SPLITS}")
         dataset = load_synthetic(num_images=num_images or 200, seed=seed, image_size=image_size, split=split)
     elif kind == "voc":
         dataset = load_voc(arg, split=split, **named)
