@@ -81,6 +81,16 @@ def _read(value, name: str) -> Image.Image:
     raise ImageInputError(f"example {name!r} has no image data")
 
 
+def example_ids(dataset: datasets.Dataset) -> list[str]:
+    """Every example's id as an [`ExampleReader`] names it: the `image_id` column, else the zero-padded index."""
+    column = dataset["image_id"] if "image_id" in dataset.column_names else [None] * len(dataset)
+    return [_example_id(value, index) for index, value in enumerate(column)]
+
+
+def _example_id(value, index: int) -> str:
+    return str(value) if value not in (None, "") else f"{index:06d}"
+
+
 class ExampleReader:
     """Random access to a dataset's examples with images decoded by `pole_hf.images` (documented conversions);
     an unreadable image comes back as `image=None` with the error, so dataset runs can log and skip it.
@@ -102,7 +112,7 @@ class ExampleReader:
         item = self.raw[int(index)]
         image_value = item["image"]
         name = item.get("image_id") or (image_value.get("path") if isinstance(image_value, dict) else None)
-        example_id = str(item.get("image_id") or f"{index:06d}")
+        example_id = _example_id(item.get("image_id"), int(index))
         mask = np.asarray(_read_mask(item["mask"])) if item.get("mask") is not None else None
         try:
             image = _read(image_value, name or example_id)
