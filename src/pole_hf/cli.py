@@ -147,8 +147,12 @@ def find_example(name: str) -> str:
 def cmd_push(args) -> None:
     model = _model(args.folder)
     selection = os.path.join(args.folder, "selection.json")
+    from .hub import saved_card
+
+    card = saved_card(args.folder, args.repo_id)
     url = model.push_to_hub(args.repo_id, private=args.private or None, revision=args.revision,
-                            selection_file=selection if os.path.isfile(selection) else None)
+                            selection_file=selection if os.path.isfile(selection) else None,
+                            **({"card": card} if card is not None else {}))
     print(url)
 
 

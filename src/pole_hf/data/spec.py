@@ -68,16 +68,17 @@ class Example:
 
 
 def _read(value, name: str) -> Image.Image:
+    """A dataset image as RGB in its stored pixel grid (no EXIF rotation: masks are drawn on that grid)."""
     if isinstance(value, Image.Image):
-        return load_image(value)
+        return load_image(value, exif=False)
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             try:
-                return load_image(Image.open(io.BytesIO(value["bytes"])))
+                return load_image(Image.open(io.BytesIO(value["bytes"])), exif=False)
             except (OSError, SyntaxError, ValueError) as err:
                 raise ImageInputError(f"image {name!r} is corrupt or not an image: {err}") from err
         if value.get("path"):
-            return load_image(value["path"])
+            return load_image(value["path"], exif=False)
     raise ImageInputError(f"example {name!r} has no image data")
 
 
@@ -99,6 +100,9 @@ class ExampleReader:
     """
 
     def __init__(self, dataset: datasets.Dataset):
+        labels = dataset.features.get("labels")
+        names = getattr(getattr(labels, "feature", None), "names", None)
+        self.num_classes = len(names) if names else None
         raw = dataset
         for column in ("image", "mask"):
             if column in raw.features and isinstance(raw.features[column], datasets.Image):
@@ -113,11 +117,12 @@ class ExampleReader:
         image_value = item["image"]
         name = item.get("image_id") or (image_value.get("path") if isinstance(image_value, dict) else None)
         example_id = _example_id(item.get("image_id"), int(index))
-        mask = np.asarray(_read_mask(item["mask"])) if item.get("mask") is not None else None
         try:
             image = _read(image_value, name or example_id)
+            mask = None if item.get("mask") is None else _read_mask(item["mask"], image.size, self.num_classes,
+                                                                     _source_name(item["mask"], example_id))
         except ImageInputError as err:
-            return Example(int(index), example_id, None, list(item["labels"]), mask, str(err))
+            return Example(int(index), example_id, None, list(item["labels"]), None, str(err))
         return Example(int(index), example_id, image, list(item["labels"]), mask)
 
 
@@ -128,10 +133,30 @@ def iter_examples(dataset: datasets.Dataset, indices=None) -> Iterator[Example]:
         yield reader[index]
 
 
-def _read_mask(value) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value
-    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-    with Image.open(source) as mask:
+def _source_name(value, fallback: str) -> str:
+    return (value.get("path") if isinstance(value, dict) else None) or f"the mask of {fallback}"
+
+
+def _read_mask(value, size: tuple[int, int], num_classes: int | None, name: str) -> np.ndarray:
+    """A mask as class indices, checked against its image: one channel, the image's size, values in
+    0..num_classes or 255. A bad mask raises `ImageInputError` naming it (the example is then skipped)."""
+    try:
+        if isinstance(value, Image.Image):
+            mask = value
+        else:
+            mask = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
         mask.load()
-        return mask if mask.mode in ("L", "P") else mask.convert("L")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageInputError(f"mask {name!r} is corrupt or not an image: {err}") from err
+    if mask.mode not in ("L", "P", "1", "I", "I;16"):
+        raise ImageInputError(f"mask {name!r} is a {mask.mode} image: masks must be single-channel class indices "
+                              "(palette or grayscale PNG)")
+    if mask.size != size:
+        raise ImageInputError(f"mask {name!r} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}")
+    array = np.asarray(mask).astype(np.int64)
+    if num_classes is not None:
+        bad = np.setdiff1d(np.unique(array), [*range(num_classes + 1), 255])
+        if bad.size:
+            raise ImageInputError(f"mask {name!r} has values {bad[:5].tolist()} outside 0..{num_classes} and 255 "
+                                  "(class index + 1, 0 background, 255 ignore)")
+    return array.astype(np.uint8)
