@@ -219,6 +219,36 @@ def check_base_matches(saved, base, where: str) -> None:
                              f"{have}: load them onto the base they were learned on")
 
 
+def _check_id_tensors(tensors: dict[str, torch.Tensor], config, filename: str) -> None:
+    """Shapes and ranges of the id/length buffers and finiteness of the learned tensors: a tampered or mismatched
+    file is refused in one line (it would otherwise score classes against the wrong prompts, silently)."""
+    num_classes, num_background = len(config.class_names), len(config.background_words)
+
+    def refuse(what: str) -> None:
+        raise ValueError(f"{filename}: {what}: the file is damaged or belongs to other prompts; re-save or "
+                         "re-download it")
+
+    lengths = tensors["prompt_learner.class_token_lengths"]
+    if tuple(lengths.shape) != (num_classes,) or (num_classes and int(lengths.min()) < 1):
+        refuse(f"class_token_lengths {lengths.tolist()} must hold one length >= 1 for each of the {num_classes} "
+               "classes")
+    ids, rows = tensors["prompt_learner.background_ids"], tensors["prompt_learner.background_lengths"]
+    if ids.ndim != 2 or ids.shape[0] != num_background or tuple(rows.shape) != (num_background,):
+        refuse(f"background_ids {tuple(ids.shape)} / background_lengths {tuple(rows.shape)} must have one row per "
+               f"background word ({num_background})")
+    if num_background and (int(rows.min()) < 2 or int(rows.max()) > ids.shape[1]):
+        refuse(f"background_lengths {rows.tolist()} must lie in 2..{ids.shape[1]} (BOS and EOS included)")
+    for name in ("prompt_learner.prefix_ids", "prompt_learner.suffix_ids"):
+        if tensors[name].ndim != 1 or tensors[name].numel() == 0:
+            refuse(f"{name.split('.')[-1]} must be a non-empty list of token ids")
+    tail = tensors.get("prompt_learner.class_tail_lengths")
+    if tail is not None and (tuple(tail.shape) != (num_classes,) or (tail.numel() and int(tail.min()) < 0)):
+        refuse(f"class_tail_lengths {tail.tolist()} must hold one length >= 0 per class")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            refuse(f"{name} holds NaN or Inf values")
+
+
 def load_prompt_tensors(model, filename: str) -> None:
     """Copy the tensors of a prompts safetensors file into `model`, checking names, shapes and dtypes."""
     expected = prompt_state_dict(model)
@@ -253,6 +283,7 @@ def load_prompt_tensors(model, filename: str) -> None:
         if tuple(tensor.shape) != want:
             raise ValueError(f"{filename}: {name} has shape {tuple(tensor.shape)} but this config and base CLIP "
                              f"expect {want}: the prompts were saved for other classes or another base")
+    _check_id_tensors(tensors, model.config, filename)
     slots = tensors["prompt_learner.class_tokens"].shape[1]
     if int(tensors["prompt_learner.class_token_lengths"].max()) > slots:
         raise ValueError(f"{filename}: class_token_lengths exceed the {slots} class-token slots it holds")
