@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from pole_hf import CamEngine, PolePromptModel
+from pole_hf.atomic import atomic_write_text
 from pole_hf.bundled import TINY_CLIP
 from pole_hf.data.spec import SPEC_HELP, ExampleReader, class_names_of, load_dataset_spec
 from pole_hf.images import pixel_values as to_pixel_values
@@ -327,7 +328,7 @@ def save_outputs(args, model, selection, result) -> None:
                 "learning rate": args.learning_rate, "loss weights (otm/btm/cbs)": "/".join(
                     f"{float(w):g}" for w in args.loss_weights.split(","))}
     card = render_model_card(model, datasets=[args.dataset.split(":")[0]], eval_results=evals, training=training)
-    card.save(os.path.join(args.output_dir, "README.md"))
+    atomic_write_text(os.path.join(args.output_dir, "README.md"), str(card))
 
 
 def main(argv=None):
