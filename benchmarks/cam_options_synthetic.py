@@ -53,7 +53,7 @@ def main(argv=None):
         rows.append((name, 100 * result["miou"], 100 * result["pseudo_mask"]["miou"]))
         print(rows[-1], flush=True)
     table = "| setting | CAM mIoU (CAA) | pseudo-mask mIoU (CAA + CRF) |\n|---|---|---|\n" + "\n".join(
-        f"| {name} | {cam:.1f} | {crf:.1f} |" for name, cam, crf in rows)
+        f"| {name} | {cam:.2f} | {crf:.2f} |" for name, cam, crf in rows)
     body = (f"`python benchmarks/cam_options_synthetic.py --num_images {args.num_images} --seed {args.seed}` on "
             f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
             f"{time.strftime('%Y-%m-%d')}, {time.time() - start:.0f} s. Bundled tiny CLIP with its learned prompts; "

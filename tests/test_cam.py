@@ -257,3 +257,50 @@ def test_images_smaller_than_a_patch_are_refused(tiny_model, tiny_clip_dir):
     processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
     with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
         CamEngine(tiny_model)(Image.new("RGB", (7, 30)), processor, [0])
+
+
+def test_caa_attention_from_the_forward_equals_a_second_pass(tiny_model):
+    """The refined maps use the attention the forward computed; a separate pass over HF's (eager) layers agrees."""
+    from pole_hf.caa import refine_with_affinity
+
+    clip = tiny_model.clip
+    clip.set_attn_implementation("eager")  # the engine's explicit attention, op for op
+    layers = clip.vision_model.encoder.layers
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for layer in layers]
+    pixels = torch.randn(1, 3, 40, 48)
+    try:
+        with torch.no_grad():
+            clip.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    probs = []
+    for layer, hidden in zip(layers, inputs):
+        attn = layer.self_attn
+        normed = layer.layer_norm1(hidden)[0]
+        q = attn.q_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
+        k = attn.k_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
+        probs.append(torch.softmax(q @ k.transpose(1, 2) * attn.scale, -1).mean(0))
+    engine = CamEngine(tiny_model)
+    with torch.no_grad():  # the blocks before the last: their outputs and their attention, from one pass
+        hidden, attention = engine._prefix(pixels, caa_layers=len(layers), position_embedding="bicubic")
+    torch.testing.assert_close(hidden, inputs[-1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(attention[0], sum(probs[:-1]), atol=1e-6, rtol=0)
+    raw, _, _ = engine.grid_cams(pixels, [0, 2], position_embedding="bicubic")
+    refined, _, _ = engine.grid_cams(pixels, [0, 2], refine=True, position_embedding="bicubic")
+    affinity = affinity_from_attention(torch.stack(probs[-8:]).mean(0)[1:, 1:])
+    # float32 reordering (1e-6 in the raw maps) grows a little through the refined maps' min-max
+    torch.testing.assert_close(refined, refine_with_affinity(raw, affinity), atol=1e-4, rtol=0)
+    assert not torch.allclose(refined, raw, atol=1e-2)
+
+
+def test_refinement_without_the_squared_affinity_is_the_same():
+    from pole_hf.caa import refine_with_affinity, refine_with_transition, transition_from_attention
+
+    torch.manual_seed(0)
+    attention = (torch.randn(30, 30) * 3).softmax(-1)
+    cams = minmax(torch.rand(3, 5, 6) ** 3)
+    expected = refine_with_affinity(cams, affinity_from_attention(attention))
+    torch.testing.assert_close(refine_with_transition(cams, transition_from_attention(attention)), expected,
+                               atol=1e-5, rtol=0)

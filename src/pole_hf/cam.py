@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from .caa import BOX_THRESHOLD, affinity_from_attention, box_mask, minmax, refine_with_affinity  # noqa: F401
+from .caa import (  # noqa: F401  (box_mask, affinity_from_attention, refine_with_affinity: public here too)
+    BOX_THRESHOLD,
+    affinity_from_attention,
+    box_mask,
+    minmax,
+    refine_with_affinity,
+    refine_with_transition,
+    transition_from_attention,
+)
 from .images import pixel_values as to_pixel_values
 
 CAA_LAYERS = 8
@@ -41,14 +49,32 @@ class CamOutput(ModelOutput):
     grid_cams: torch.FloatTensor | None = None
 
 
-def _attention_probs(layer, hidden: torch.Tensor) -> torch.Tensor:
-    """Head-averaged attention probabilities ``[T, T]`` of a CLIP encoder layer for its input ``[1, T, D]``."""
+def _split_heads(x: torch.Tensor, attn) -> torch.Tensor:
+    """``[B, T, D]`` -> ``[B, heads, T, head_dim]``."""
+    return x.view(x.shape[0], -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, with_probs: bool):
+    """Multi-head attention of ``[B, heads, T, head_dim]`` inputs, merged to ``[B, T, D]``; with ``with_probs``
+    the softmax is computed explicitly and its head mean ``[B, T, T]`` comes back too (CAA's attention), else
+    ``None`` and the fused kernel runs."""
+    if with_probs:
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)
+        mixed, mean_probs = probs @ v, probs.detach().mean(1)
+    else:
+        mixed, mean_probs = F.scaled_dot_product_attention(q, k, v, scale=attn.scale), None
+    return mixed.transpose(1, 2).reshape(q.shape[0], -1, q.shape[1] * q.shape[-1]), mean_probs
+
+
+def _layer_with_attention(layer, hidden: torch.Tensor):
+    """A CLIP encoder layer's forward that also returns its head-averaged attention probabilities ``[B, T, T]``
+    (one pass: the probabilities it computes are the ones it uses)."""
     attn = layer.self_attn
-    normed = layer.layer_norm1(hidden)[0]
-    heads, dim = attn.num_heads, attn.head_dim
-    q = attn.q_proj(normed).view(-1, heads, dim).transpose(0, 1)
-    k = attn.k_proj(normed).view(-1, heads, dim).transpose(0, 1)
-    return torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1).mean(0)
+    normed = layer.layer_norm1(hidden)
+    q, k, v = (_split_heads(proj(normed), attn) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    mixed, probs = _attend(attn, q, k, v, with_probs=True)
+    hidden = hidden + attn.out_proj(mixed)
+    return hidden + layer.mlp(layer.layer_norm2(hidden)), probs
 
 
 def clip_es_position_embeddings(weight: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -97,17 +123,18 @@ class CamEngine:
         return tokens + table.to(tokens.dtype)[None]
 
     def _prefix(self, pixels: torch.Tensor, caa_layers: int, position_embedding: str = "clip_es"):
-        """Run every block but the last without autograd; collect the needed layers' attention."""
+        """Run every block but the last without autograd. The CAA blocks among them run with explicit attention
+        and hand back the sum of their head-averaged probabilities ``[B, T, T]`` (`None` without CAA)."""
         vision = self.model.clip.vision_model
         hidden = vision.pre_layrnorm(self.embed(pixels, position_embedding))
-        attention = []
+        attention = None
         first_caa = self.num_layers - caa_layers
         for index, layer in enumerate(vision.encoder.layers[:-1]):
             if caa_layers and index >= first_caa:
-                attention.append(_attention_probs(layer, hidden))
-            hidden = layer(hidden, None)
-        if caa_layers:
-            attention.append(_attention_probs(vision.encoder.layers[-1], hidden))
+                hidden, probs = _layer_with_attention(layer, hidden)
+                attention = probs if attention is None else attention.add_(probs)
+            else:
+                hidden = layer(hidden, None)
         return hidden, attention
 
     def grid_cams(self, pixels: torch.Tensor, class_indices: Sequence[int] | None = None, refine: bool = False,
@@ -145,8 +172,7 @@ class CamEngine:
             # q, k, v are the gradient leaves: d/d(target) = sum of dq Wq + dk Wk + dv Wv, and GradCAM only needs its
             # mean over patch tokens, so the three [T, D] x [D, D] products per class shrink to [D] x [D, D]
             leaves = [p.detach().requires_grad_(True) for p in projections]
-            q, k_, v = (x.view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for x in leaves)
-            mixed = F.scaled_dot_product_attention(q, k_, v, scale=attn.scale).transpose(1, 2).reshape(target.shape)
+            mixed, last_probs = _attend(attn, *(_split_heads(x, attn) for x in leaves), with_probs=bool(caa_layers))
             attended = hidden + attn.out_proj(mixed)
             tokens = attended + last.mlp(last.layer_norm2(attended))
             features = F.normalize(model.image_features_from_tokens(tokens), dim=-1)
@@ -168,8 +194,9 @@ class CamEngine:
         cams = torch.relu(weights @ activations.t()).view(k, grid_h, grid_w)
         cams = minmax(minmax(cams))  # twice, as CLIP-ES (per layer, then after the layer mean)
         if refine:
-            patch_attention = torch.stack(attention).mean(0)[1:, 1:]
-            cams = refine_with_affinity(cams, affinity_from_attention(patch_attention), box_threshold, box_edges)
+            attention = last_probs if attention is None else attention + last_probs
+            patch_attention = (attention[0] / caa_layers)[1:, 1:]
+            cams = refine_with_transition(cams, transition_from_attention(patch_attention), box_threshold, box_edges)
         return cams, indices, probs.detach()
 
     def __call__(self, image, processor, class_indices: Sequence[int] | None = None, scales: Sequence[float] = (1.0,),
