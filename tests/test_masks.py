@@ -257,3 +257,23 @@ def test_crf_scores_round_the_maps_to_fp16_first(monkeypatch):
     half = cams.astype(np.float16)
     np.testing.assert_array_equal(seen["scores"][1], half[0].astype(np.float32))
     np.testing.assert_array_equal(seen["scores"][0].astype(np.float16), (np.float16(1) - half[0]))
+
+
+def test_crf_scores_of_a_huge_image_run_at_the_computation_size(monkeypatch):
+    import pole_hf.masks as masks
+
+    sizes = []
+
+    def fake_crf(image, scores, **kw):
+        sizes.append((image.shape[:2], scores.shape))
+        return scores / scores.sum(0, keepdims=True)
+
+    monkeypatch.setattr(masks, "crf_refine", fake_crf)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    cams = rng.random((2, 60, 90)).astype(np.float32)
+    marginals = crf_scores(image, cams, max_side=30)
+    assert sizes == [((20, 30), (3, 20, 30))] and marginals.shape == (3, 60, 90)
+    np.testing.assert_allclose(marginals.sum(0), 1.0, atol=1e-5)
+    crf_scores(image, cams, max_side=90)  # not above the cap: full size, CLIP-ES's own path
+    assert sizes[-1] == ((60, 90), (3, 60, 90))

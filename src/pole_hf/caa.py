@@ -90,12 +90,13 @@ def box_mask(grid_cam: np.ndarray, threshold: float = BOX_THRESHOLD, box_edges: 
 
 def transition_from_attention(attention: torch.Tensor, rounds: int = SINKHORN_ROUNDS) -> torch.Tensor:
     """CLIP-ES's symmetric transition matrix (float64) from patch attention ``[N, N]``: alternate column/row
-    normalisation (``rounds`` times), then symmetrise. Its square is [`affinity_from_attention`]."""
-    transition = attention.double()
+    normalisation (``rounds`` times), then symmetrise. Its square is [`affinity_from_attention`]. Works in place
+    on a copy: two ``[N, N]`` matrices at most."""
+    transition = attention.to(torch.float64, copy=True)
     for _ in range(rounds):
-        transition = transition / transition.sum(0, keepdim=True)
-        transition = transition / transition.sum(1, keepdim=True)
-    return (transition + transition.t()) / 2
+        transition.div_(transition.sum(0, keepdim=True))
+        transition.div_(transition.sum(1, keepdim=True))
+    return transition.add_(transition.t().clone()).div_(2)
 
 
 def affinity_from_attention(attention: torch.Tensor, rounds: int = SINKHORN_ROUNDS) -> torch.Tensor:

@@ -54,16 +54,19 @@ def _split_heads(x: torch.Tensor, attn) -> torch.Tensor:
     return x.view(x.shape[0], -1, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
-def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, with_probs: bool):
-    """Multi-head attention of ``[B, heads, T, head_dim]`` inputs, merged to ``[B, T, D]``; with ``with_probs``
-    the softmax is computed explicitly and its head mean ``[B, T, T]`` comes back too (CAA's attention), else
-    ``None`` and the fused kernel runs."""
-    if with_probs:
-        probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)
-        mixed, mean_probs = probs @ v, probs.detach().mean(1)
-    else:
-        mixed, mean_probs = F.scaled_dot_product_attention(q, k, v, scale=attn.scale), None
-    return mixed.transpose(1, 2).reshape(q.shape[0], -1, q.shape[1] * q.shape[-1]), mean_probs
+def _attention_and_probs(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: bool = True):
+    """Explicit multi-head attention of ``[B, heads, T, head_dim]`` inputs, one head at a time (one ``[T, T]``
+    matrix alive): the merged output ``[B, T, D]`` (`None` when not ``output``) and the head-averaged
+    probabilities ``[B, T, T]``, CAA's attention. No autograd."""
+    total, mixed = None, []
+    with torch.no_grad():
+        for head in range(q.shape[1]):
+            probs = torch.softmax((q[:, head] @ k[:, head].transpose(-1, -2)) * attn.scale, dim=-1)
+            if output:
+                mixed.append(probs @ v[:, head])
+            total = probs if total is None else total.add_(probs)
+    merged = torch.stack(mixed, 1).transpose(1, 2).flatten(2) if output else None
+    return merged, total.div_(q.shape[1])
 
 
 def _layer_with_attention(layer, hidden: torch.Tensor):
@@ -72,7 +75,7 @@ def _layer_with_attention(layer, hidden: torch.Tensor):
     attn = layer.self_attn
     normed = layer.layer_norm1(hidden)
     q, k, v = (_split_heads(proj(normed), attn) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    mixed, probs = _attend(attn, q, k, v, with_probs=True)
+    mixed, probs = _attention_and_probs(attn, q, k, v)
     hidden = hidden + attn.out_proj(mixed)
     return hidden + layer.mlp(layer.layer_norm2(hidden)), probs
 
@@ -172,7 +175,10 @@ class CamEngine:
             # q, k, v are the gradient leaves: d/d(target) = sum of dq Wq + dk Wk + dv Wv, and GradCAM only needs its
             # mean over patch tokens, so the three [T, D] x [D, D] products per class shrink to [D] x [D, D]
             leaves = [p.detach().requires_grad_(True) for p in projections]
-            mixed, last_probs = _attend(attn, *(_split_heads(x, attn) for x in leaves), with_probs=bool(caa_layers))
+            q, k_, v = (_split_heads(x, attn) for x in leaves)
+            mixed = F.scaled_dot_product_attention(q, k_, v, scale=attn.scale).transpose(1, 2).reshape(target.shape)
+            if caa_layers:  # the last block's probabilities from its q, k (the fused kernel keeps autograd lean)
+                last_probs = _attention_and_probs(attn, q.detach(), k_.detach(), v, output=False)[1]
             attended = hidden + attn.out_proj(mixed)
             tokens = attended + last.mlp(last.layer_norm2(attended))
             features = F.normalize(model.image_features_from_tokens(tokens), dim=-1)

@@ -46,7 +46,8 @@ class PoleCamPipeline(Pipeline):
             inside a box) or `"full"` (whole boxes, corrected).
         position_embedding (`str`, defaults to `"clip_es"`): bilinear fp16 position embeddings as CLIP-ES, or
             `"bicubic"` (transformers' `interpolate_pos_encoding`).
-        crf (`bool`, defaults to `False`): dense CRF on the class scores (needs `pip install pole_hf[crf]`).
+        crf (`bool`, defaults to `False`): dense CRF on the class scores (needs `pip install pole_hf[crf]`); for
+            images above `max_side` it runs at the CAMs' computation size and its marginals are upsampled.
         crf_image (`str`, defaults to `"clip_es"`): the CRF's appearance image: CLIP-ES's BGR-minus-mean cast to
             uint8 (negatives wrap around) or `"rgb"` (the image; corrected).
         ignore_below (`float`, *optional*): pixels whose winning score is below this become 255 in the mask;
@@ -114,7 +115,7 @@ class PoleCamPipeline(Pipeline):
         output = self.engine(model_inputs["image"], self.image_processor, model_inputs["class_indices"],
                              scales=tuple(scales), flip=flip, refine=refine, max_side=max_side,
                              caa_layers=caa_layers, box_edges=box_edges, position_embedding=position_embedding)
-        return {"image": model_inputs["image"], "cam_output": output}
+        return {"image": model_inputs["image"], "cam_output": output, "max_side": max_side}
 
     def postprocess(self, model_outputs, background="power", bg_power=1.0, bg_threshold=0.5, crf=False,
                     crf_image="clip_es", ignore_below=None, return_overlay=False):
@@ -123,7 +124,8 @@ class PoleCamPipeline(Pipeline):
         class_ids = [int(i) + 1 for i in output.class_indices]
         setting = dict(background=background, bg_power=bg_power, bg_threshold=bg_threshold)
         if crf:
-            scores = crf_scores(np.asarray(image), cams, **setting, image_mode=crf_image)
+            scores = crf_scores(np.asarray(image), cams, **setting, image_mode=crf_image,
+                                max_side=model_outputs["max_side"])  # huge images: at the computation size
             ignore_below = CRF_CONFIDENCE if ignore_below is None else ignore_below
         else:
             scores = class_scores(cams, **setting)
