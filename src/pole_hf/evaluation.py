@@ -262,7 +262,8 @@ class ThresholdSweep:
             if self.crf:
                 if image is None:
                     raise ValueError("a CRF sweep needs the image: pass update(..., image=np.asarray(rgb_image))")
-                scores = crf_scores(np.asarray(image), cams, background=self.mode, image_mode=self.crf_image, **setting)
+                scores = crf_scores(np.asarray(image), cams, background=self.mode, image_mode=self.crf_image,
+                                    **setting)
                 pred = scores_to_mask(scores, class_ids)
             else:
                 pred = cams_to_mask(cams, class_ids, background=self.mode, **setting)
