@@ -74,14 +74,15 @@ def build_model(quick: bool, seed: int):
 
 def reference_grid_cams(model, pixels: torch.Tensor, class_indices) -> torch.Tensor:
     """CLIP-ES's procedure: one no-grad forward to the last block, then one last-block graph and backward per class.
-    Min-max scaling is the engine's own (its eps handling), so only the GradCAM itself is compared."""
-    from pole_hf.cam import minmax
+    Min-max scaling (twice, as CLIP-ES) and the position embeddings (bilinear fp16) are the engine's own, so only
+    the GradCAM itself is compared."""
+    from pole_hf.cam import CamEngine, minmax
 
     vision, patch = model.clip.vision_model, model.clip.config.vision_config.patch_size
     last, grid_h, grid_w = vision.encoder.layers[-1], pixels.shape[-2] // patch, pixels.shape[-1] // patch
     with torch.no_grad():
         text = model.get_text_features()
-        hidden = vision.pre_layrnorm(vision.embeddings(pixels, interpolate_pos_encoding=True))
+        hidden = vision.pre_layrnorm(CamEngine(model).embed(pixels))
         for layer in vision.encoder.layers[:-1]:
             hidden = layer(hidden, None)
     softmax_set = torch.tensor(list(class_indices) + list(range(model.config.num_classes, text.shape[0])))
@@ -97,7 +98,7 @@ def reference_grid_cams(model, pixels: torch.Tensor, class_indices) -> torch.Ten
             (grad,) = torch.autograd.grad(probs[position], target)
         weights = grad[0, 1:].mean(0)  # mean gradient over patch tokens, [D]
         cams.append(torch.relu(target.detach()[0, 1:] @ weights).view(grid_h, grid_w))
-    return minmax(torch.stack(cams))
+    return minmax(minmax(torch.stack(cams)))
 
 
 def last_block_forward(model, hidden):

@@ -59,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--refine", action="store_true", help="class-aware attention affinity (CAA)")
+    parser.add_argument("--box_edges", choices=("clip_es", "full"), default="clip_es",
+                        help="CAA boxes as CLIP-ES (the grid's last row/column never inside) or whole boxes")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--flip", action="store_true")
     parser.add_argument("--bg_power", type=float, default=1.0, help="background = (1 - max cam) ** bg_power")
@@ -117,7 +119,7 @@ def main(argv=None) -> dict:
             labels = sorted(set(example.labels))
             if labels:
                 output = engine(example.image, processor, labels, scales=tuple(args.scales), flip=args.flip,
-                                refine=args.refine)
+                                refine=args.refine, box_edges=args.box_edges)
                 cams = output.cams.numpy()
             else:
                 cams = np.zeros((0, example.image.size[1], example.image.size[0]), np.float32)

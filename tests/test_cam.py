@@ -6,12 +6,48 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pole_hf.cam import CamEngine, affinity_from_attention, box_mask, minmax
+from pole_hf.caa import label_regions
+from pole_hf.cam import CamEngine, affinity_from_attention, box_mask, clip_es_position_embeddings, minmax
 
 
-def straightforward_gradcam(model, pixels, targets):
-    """GradCAM the plain way: a full forward per class with a hook on the last block's layer_norm1, own backward."""
+def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """1-D bilinear resize as a matrix, half-pixel centres, edges clamped (OpenCV's / align_corners=False)."""
+    matrix = np.zeros((size_out, size_in))
+    for i in range(size_out):
+        src = max((i + 0.5) * size_in / size_out - 0.5, 0.0)
+        low = min(int(np.floor(src)), size_in - 1)
+        high = min(low + 1, size_in - 1)
+        matrix[i, low] += 1 - (src - low)
+        matrix[i, high] += src - low
+    return matrix
+
+
+def reference_position_table(weight: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """CLIP-ES's position embeddings rebuilt with numpy: bilinear patch grid, whole table rounded to fp16."""
+    table = weight.detach().double().numpy()
+    side = int(round((len(table) - 1) ** 0.5))
+    grid = table[1:].reshape(side, side, -1)
+    resized = np.einsum("ys,xt,std->yxd", bilinear_matrix(side, grid_h), bilinear_matrix(side, grid_w), grid)
+    out = np.concatenate([table[:1], resized.reshape(grid_h * grid_w, -1)]).astype(np.float16).astype(np.float32)
+    return torch.from_numpy(out)
+
+
+def clip_es_minmax(maps: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's scale_cam_image: (x - min) / (1e-7 + max(x - min))."""
+    flat = maps.flatten(1)
+    flat = flat - flat.min(1, keepdim=True).values
+    return (flat / (1e-7 + flat.max(1, keepdim=True).values)).view_as(maps)
+
+
+def straightforward_gradcam(model, pixels, targets, clip_es_positions=False):
+    """GradCAM the plain way: a full forward per class with a hook on the last block's layer_norm1, own backward;
+    normalised twice as CLIP-ES; with `clip_es_positions` the position table is [`reference_position_table`]."""
     clip = model.clip
+    embeddings = clip.vision_model.embeddings
+    if clip_es_positions:
+        table = reference_position_table(embeddings.position_embedding.weight, pixels.shape[-2] // 8,
+                                         pixels.shape[-1] // 8)
+        embeddings.interpolate_pos_encoding = lambda *args: table[None]
     store = {}
     hook = clip.vision_model.encoder.layers[-1].layer_norm1.register_forward_hook(
         lambda module, inputs, output: store.__setitem__("act", output))
@@ -31,19 +67,22 @@ def straightforward_gradcam(model, pixels, targets):
                 grad = torch.autograd.grad(prob, store["act"])[0][0, 1:]
             act = store["act"][0, 1:].detach()
             cam = torch.relu(act @ grad.mean(0))
-            maps.append((cam - cam.min()) / max(float(cam.max() - cam.min()), 1e-5))
+            maps.append(cam)
     finally:
         hook.remove()
+        embeddings.__dict__.pop("interpolate_pos_encoding", None)
     h, w = pixels.shape[-2] // 8, pixels.shape[-1] // 8
-    return torch.stack(maps).view(len(targets), h, w)
+    return clip_es_minmax(clip_es_minmax(torch.stack(maps))).view(len(targets), h, w)
 
 
+@pytest.mark.parametrize("positions", ["clip_es", "bicubic"])
 @pytest.mark.parametrize("size", [(32, 32), (40, 56), (64, 24)])
-def test_engine_matches_straightforward_gradcam(tiny_model, size):
+def test_engine_matches_straightforward_gradcam(tiny_model, size, positions):
     torch.manual_seed(1)
     pixels = torch.randn(1, 3, *size)
-    cams, indices, probs = CamEngine(tiny_model).grid_cams(pixels, [2, 0])
-    reference = straightforward_gradcam(tiny_model, pixels, [2, 0])
+    cams, indices, probs = CamEngine(tiny_model).grid_cams(pixels, [2, 0], **(
+        {} if positions == "clip_es" else {"position_embedding": "bicubic"}))
+    reference = straightforward_gradcam(tiny_model, pixels, [2, 0], clip_es_positions=positions == "clip_es")
     assert indices.tolist() == [2, 0]
     torch.testing.assert_close(cams, reference, atol=1e-4, rtol=0)
     assert torch.allclose(cams.amax(dim=(1, 2)), torch.ones(2)) and cams.min() >= 0
@@ -115,12 +154,96 @@ def test_affinity_is_symmetric_and_refinement_stays_in_boxes(tiny_model):
     assert cams.shape == (2, 4, 5) and torch.isfinite(cams).all() and cams.max() > 0.99
 
 
-def test_box_mask_covers_each_region_box():
+def flood_fill_boxes(above: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes (y0, x0, y1, x1 inclusive) of 8-connected regions, by breadth-first flood fill."""
+    from collections import deque
+
+    seen = np.zeros_like(above, bool)
+    boxes = []
+    for start in zip(*np.nonzero(above)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue, members = deque([start]), []
+        while queue:
+            y, x = queue.popleft()
+            members.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    if 0 <= ny < above.shape[0] and 0 <= nx < above.shape[1] and above[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+        ys, xs = zip(*members)
+        boxes.append((min(ys), min(xs), max(ys), max(xs)))
+    return boxes
+
+
+def clip_es_box_mask(cam: np.ndarray, threshold: float = 0.4, full: bool = False) -> np.ndarray:
+    """scoremap2bbox + the aff_mask slicing of CLIP-ES, written out: uint8 map, strict >, boxes [y0:y1, x0:x1)
+    with x1 = min(x0 + w, W - 1), y1 = min(y0 + h, H - 1)."""
+    height, width = cam.shape
+    scaled = (cam.astype(np.float32) * 255).astype(np.uint8)
+    above = scaled > int(threshold * np.max(scaled))
+    mask = np.zeros(cam.shape, bool)
+    for y0, x0, y1, x1 in flood_fill_boxes(above):
+        if full:
+            mask[y0:y1 + 1, x0:x1 + 1] = True
+        else:
+            mask[y0:min(y1 + 1, height - 1), x0:min(x1 + 1, width - 1)] = True
+    return mask
+
+
+def test_box_rule_matches_clip_es_written_out():
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        height, width = rng.integers(1, 14, 2)
+        cam = rng.random((height, width)).astype(np.float32) ** rng.uniform(1, 6)
+        cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-7)
+        for full in (False, True):
+            expected = clip_es_box_mask(cam, full=full)
+            np.testing.assert_array_equal(box_mask(cam, 0.4, "full" if full else "clip_es"), expected, str(trial))
+        labels = label_regions(cam > 0.5)
+        assert len({int(v) for v in labels[labels >= 0]}) == len(flood_fill_boxes(cam > 0.5))
+
+
+def test_box_rule_is_8_connected_strict_and_drops_the_last_row_and_column():
     grid = np.zeros((6, 6), dtype=np.float32)
-    grid[0, 0] = grid[1, 1] = 1.0  # diagonal: two 4-connected regions -> two 1x1 boxes
-    grid[4, 3:6] = 0.9
+    grid[0, 0] = grid[1, 1] = 1.0  # diagonal neighbours: one 8-connected region, one 2x2 box
+    grid[3, 3] = 0.4  # uint8 101 is not > int(0.4 * 255) = 102: outside
     mask = box_mask(grid, 0.4)
-    assert mask[0, 0] and mask[1, 1] and not mask[0, 1] and mask[4, 3:6].all() and mask.sum() == 5
+    assert mask[:2, :2].all() and mask.sum() == 4
+    edge = np.zeros((4, 5), dtype=np.float32)
+    edge[1:, 2:] = 1.0  # a region touching the last row and column
+    assert box_mask(edge, 0.4).sum() == 2 * 2  # rows 1..2, columns 2..3: last row and column never inside
+    assert box_mask(edge, 0.4, box_edges="full").sum() == 3 * 3
+    corner = np.zeros((3, 3), dtype=np.float32)
+    corner[2, 2] = 1.0  # only in the last row/column: CLIP-ES's box is empty
+    assert box_mask(corner).sum() == 0 and box_mask(corner, box_edges="full").sum() == 1
+    with pytest.raises(ValueError, match="box_edges"):
+        box_mask(corner, box_edges="inclusive")
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (3, 5), (19, 4), (10, 13)])
+def test_clip_es_position_embeddings_are_bilinear_then_fp16(grid):
+    weight = torch.randn(1 + 49, 16)
+    table = clip_es_position_embeddings(weight, *grid)
+    reference = reference_position_table(weight, *grid)
+    torch.testing.assert_close(table, reference, atol=1e-6, rtol=1e-3)  # at most one fp16 step apart
+    assert (table != reference).float().mean() < 0.02  # ... where float32 and float64 round differently
+    assert torch.equal(table, table.half().float())  # representable in fp16, the native 7x7 grid too
+    assert not torch.equal(clip_es_position_embeddings(weight, 7, 7), weight)
+
+
+def test_minmax_uses_clip_es_epsilon():
+    low_range = torch.tensor([[[0.0, 1e-6]]])
+    torch.testing.assert_close(minmax(low_range), torch.tensor([[[0.0, 1e-6 / (1e-6 + 1e-7)]]]))
+
+
+def test_76_patch_input_works(tiny_model):
+    """CLIP-ES's text/vision switch on 77 tokens crashes here; the engine takes 19 x 4 patches (152 x 32 px)."""
+    cams, _, _ = CamEngine(tiny_model).grid_cams(torch.randn(1, 3, 32, 152), [0, 1], refine=True)
+    assert cams.shape == (2, 4, 19) and torch.isfinite(cams).all()
 
 
 def test_minmax_constant_map_is_zero():
@@ -134,3 +257,50 @@ def test_images_smaller_than_a_patch_are_refused(tiny_model, tiny_clip_dir):
     processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
     with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
         CamEngine(tiny_model)(Image.new("RGB", (7, 30)), processor, [0])
+
+
+def test_caa_attention_from_the_forward_equals_a_second_pass(tiny_model):
+    """The refined maps use the attention the forward computed; a separate pass over HF's (eager) layers agrees."""
+    from pole_hf.caa import refine_with_affinity
+
+    clip = tiny_model.clip
+    clip.set_attn_implementation("eager")  # the engine's explicit attention, op for op
+    layers = clip.vision_model.encoder.layers
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for layer in layers]
+    pixels = torch.randn(1, 3, 40, 48)
+    try:
+        with torch.no_grad():
+            clip.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    probs = []
+    for layer, hidden in zip(layers, inputs):
+        attn = layer.self_attn
+        normed = layer.layer_norm1(hidden)[0]
+        q = attn.q_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
+        k = attn.k_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
+        probs.append(torch.softmax(q @ k.transpose(1, 2) * attn.scale, -1).mean(0))
+    engine = CamEngine(tiny_model)
+    with torch.no_grad():  # the blocks before the last: their outputs and their attention, from one pass
+        hidden, attention = engine._prefix(pixels, caa_layers=len(layers), position_embedding="bicubic")
+    torch.testing.assert_close(hidden, inputs[-1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(attention[0], sum(probs[:-1]), atol=1e-6, rtol=0)
+    raw, _, _ = engine.grid_cams(pixels, [0, 2], position_embedding="bicubic")
+    refined, _, _ = engine.grid_cams(pixels, [0, 2], refine=True, position_embedding="bicubic")
+    affinity = affinity_from_attention(torch.stack(probs[-8:]).mean(0)[1:, 1:])
+    # float32 reordering (1e-6 in the raw maps) grows a little through the refined maps' min-max
+    torch.testing.assert_close(refined, refine_with_affinity(raw, affinity), atol=1e-4, rtol=0)
+    assert not torch.allclose(refined, raw, atol=1e-2)
+
+
+def test_refinement_without_the_squared_affinity_is_the_same():
+    from pole_hf.caa import refine_with_affinity, refine_with_transition, transition_from_attention
+
+    torch.manual_seed(0)
+    attention = (torch.randn(30, 30) * 3).softmax(-1)
+    cams = minmax(torch.rand(3, 5, 6) ** 3)
+    expected = refine_with_affinity(cams, affinity_from_attention(attention))
+    torch.testing.assert_close(refine_with_transition(cams, transition_from_attention(attention)), expected,
+                               atol=1e-5, rtol=0)

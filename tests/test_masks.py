@@ -15,7 +15,9 @@ from pole_hf.masks import (
     background_score,
     cams_to_mask,
     class_scores,
+    crf_image,
     crf_refine,
+    crf_scores,
     image_to_mask,
     jet_colormap,
     mask_to_image,
@@ -202,3 +204,76 @@ def test_crf_refine_names_the_package_when_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
     with pytest.raises(ImportError, match="pip install pydensecrf2"):
         crf_refine(np.zeros((2, 2, 3), np.uint8), np.ones((2, 2, 2), np.float32))
+
+
+def test_crf_image_is_clip_es_bgr_minus_mean_wrapped_to_uint8():
+    import platform
+
+    image = np.array([[[0, 0, 0], [255, 255, 255], [10, 200, 120]]], dtype=np.uint8)
+    # BGR - (104.008, 116.669, 122.675), truncated toward zero, modulo 256
+    expected = np.array([[[152, 140, 134], [150, 138, 132], [15, 83, 144]]], dtype=np.uint8)
+    np.testing.assert_array_equal(crf_image(image), expected)
+    np.testing.assert_array_equal(crf_image(image, "rgb"), image)
+    if platform.machine() in ("x86_64", "AMD64"):  # CLIP-ES's own expression, whose negatives wrap on x86
+        rng = np.random.default_rng(0)
+        big = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+        bgr = big[..., ::-1].astype(np.float32)
+        bgr -= (104.008, 116.669, 122.675)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(crf_image(big), bgr.astype(np.uint8))
+    with pytest.raises(ValueError, match="crf image mode"):
+        crf_image(image, "bgr")
+
+
+def test_crf_refine_uses_clip_es_inputs():
+    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="optional extra pole_hf[crf] (pydensecrf2) not installed")
+    image, cams, _ = _two_region_scene()
+    image = (image // 3).astype(np.uint8)  # dark: most of the mean-subtracted values wrap around
+    scores = class_scores(cams)
+
+    def by_hand(bilateral_image, unary):
+        crf = dcrf.DenseCRF2D(image.shape[1], image.shape[0], 2)
+        crf.setUnaryEnergy(np.ascontiguousarray(unary.reshape(2, -1), dtype=np.float32))
+        crf.addPairwiseGaussian(sxy=1, compat=3)
+        crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(bilateral_image), compat=4)
+        return np.asarray(crf.inference(10), np.float32).reshape(scores.shape)
+
+    half = scores.astype(np.float16)
+    unary16 = (-np.log(np.clip(half, np.float16(1e-5), np.float16(1.0)))).astype(np.float32)
+    assert unary16.dtype == np.float32 and not np.array_equal(unary16, -np.log(np.clip(scores, 1e-5, 1)))
+    wrapped = np.mod(np.trunc(image[..., ::-1].astype(np.float64) - (104.008, 116.669, 122.675)), 256)
+    np.testing.assert_array_equal(crf_refine(image, scores), by_hand(wrapped.astype(np.uint8), unary16))
+    plain = by_hand(image, -np.log(np.clip(scores, 1e-5, 1)))
+    np.testing.assert_allclose(crf_refine(image, scores, image_mode="rgb", half_precision=False), plain, atol=1e-6)
+
+
+def test_crf_scores_round_the_maps_to_fp16_first(monkeypatch):
+    import pole_hf.masks as masks
+
+    seen = {}
+    monkeypatch.setattr(masks, "crf_refine", lambda image, scores, **kw: seen.setdefault("scores", scores))
+    cams = np.array([[[0.30001, 0.7], [0.123456, 1.0]]], dtype=np.float32)
+    crf_scores(np.zeros((2, 2, 3), np.uint8), cams)
+    half = cams.astype(np.float16)
+    np.testing.assert_array_equal(seen["scores"][1], half[0].astype(np.float32))
+    np.testing.assert_array_equal(seen["scores"][0].astype(np.float16), (np.float16(1) - half[0]))
+
+
+def test_crf_scores_of_a_huge_image_run_at_the_computation_size(monkeypatch):
+    import pole_hf.masks as masks
+
+    sizes = []
+
+    def fake_crf(image, scores, **kw):
+        sizes.append((image.shape[:2], scores.shape))
+        return scores / scores.sum(0, keepdims=True)
+
+    monkeypatch.setattr(masks, "crf_refine", fake_crf)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    cams = rng.random((2, 60, 90)).astype(np.float32)
+    marginals = crf_scores(image, cams, max_side=30)
+    assert sizes == [((20, 30), (3, 20, 30))] and marginals.shape == (3, 60, 90)
+    np.testing.assert_allclose(marginals.sum(0), 1.0, atol=1e-5)
+    crf_scores(image, cams, max_side=90)  # not above the cap: full size, CLIP-ES's own path
+    assert sizes[-1] == ((60, 90), (3, 60, 90))

@@ -143,6 +143,20 @@ def test_pipeline_crf_refines_scores(pipe):
     assert len(np.unique(mask[:, :20])) == 1 and len(np.unique(mask[:, 28:])) == 1
 
 
+def test_pipeline_crf_masks_drop_unsure_pixels_as_clip_es(pipe):
+    pytest.importorskip("pydensecrf", reason="the crf extra is not installed")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    default = np.asarray(pipe(image, labels=["cat", "dog"], refine=True, crf=True)["mask"])
+    kept = np.asarray(pipe(image, labels=["cat", "dog"], refine=True, crf=True, ignore_below=0)["mask"])
+    unsure = default == 255
+    assert unsure.any() and not (kept == 255).any()  # the 0.95 marginal cut of eval_cam_with_crf.py
+    np.testing.assert_array_equal(default[~unsure], kept[~unsure])
+    corrected = np.asarray(pipe(image, labels=["cat", "dog"], refine=True, crf=True, crf_image="rgb",
+                                box_edges="full", position_embedding="bicubic")["mask"])
+    assert corrected.shape == default.shape
+
+
 def test_batch_size_unknown_arguments_and_bad_values(world_prompts):
     pipe = pipeline("pole-cam", model=world_prompts)
     images = [Image.fromarray(np.full((24 + 8 * i, 32, 3), 60 * i, np.uint8)) for i in range(3)]

@@ -10,16 +10,23 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
+from .caa import (  # noqa: F401  (box_mask, affinity_from_attention, refine_with_affinity: public here too)
+    BOX_THRESHOLD,
+    affinity_from_attention,
+    box_mask,
+    minmax,
+    refine_with_affinity,
+    refine_with_transition,
+    transition_from_attention,
+)
 from .images import pixel_values as to_pixel_values
 
 CAA_LAYERS = 8
-BOX_THRESHOLD = 0.4
-SINKHORN_ROUNDS = 3
+POSITION_EMBEDDINGS = ("clip_es", "bicubic")
 MAX_SIDE = 1024
 """Images whose longer side exceeds this are downscaled for the CAM computation; CAMs come back at input size."""
 
@@ -42,67 +49,48 @@ class CamOutput(ModelOutput):
     grid_cams: torch.FloatTensor | None = None
 
 
-def minmax(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Min-max normalise each map of ``[k, ...]`` to [0, 1]; a constant (or all-zero) map becomes zeros."""
-    flat = maps.flatten(1)
-    low = flat.min(1, keepdim=True).values
-    high = flat.max(1, keepdim=True).values
-    return ((flat - low) / (high - low).clamp_min(eps)).view_as(maps)
+def _split_heads(x: torch.Tensor, attn) -> torch.Tensor:
+    """``[B, T, D]`` -> ``[B, heads, T, head_dim]``."""
+    return x.view(x.shape[0], -1, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
-def _attention_probs(layer, hidden: torch.Tensor) -> torch.Tensor:
-    """Head-averaged attention probabilities ``[T, T]`` of a CLIP encoder layer for its input ``[1, T, D]``."""
+def _attention_and_probs(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: bool = True):
+    """Explicit multi-head attention of ``[B, heads, T, head_dim]`` inputs, one head at a time (one ``[T, T]``
+    matrix alive): the merged output ``[B, T, D]`` (`None` when not ``output``) and the head-averaged
+    probabilities ``[B, T, T]``, CAA's attention. No autograd."""
+    total, mixed = None, []
+    with torch.no_grad():
+        for head in range(q.shape[1]):
+            probs = torch.softmax((q[:, head] @ k[:, head].transpose(-1, -2)) * attn.scale, dim=-1)
+            if output:
+                mixed.append(probs @ v[:, head])
+            total = probs if total is None else total.add_(probs)
+    merged = torch.stack(mixed, 1).transpose(1, 2).flatten(2) if output else None
+    return merged, total.div_(q.shape[1])
+
+
+def _layer_with_attention(layer, hidden: torch.Tensor):
+    """A CLIP encoder layer's forward that also returns its head-averaged attention probabilities ``[B, T, T]``
+    (one pass: the probabilities it computes are the ones it uses)."""
     attn = layer.self_attn
-    normed = layer.layer_norm1(hidden)[0]
-    heads, dim = attn.num_heads, attn.head_dim
-    q = attn.q_proj(normed).view(-1, heads, dim).transpose(0, 1)
-    k = attn.k_proj(normed).view(-1, heads, dim).transpose(0, 1)
-    return torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1).mean(0)
+    normed = layer.layer_norm1(hidden)
+    q, k, v = (_split_heads(proj(normed), attn) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    mixed, probs = _attention_and_probs(attn, q, k, v)
+    hidden = hidden + attn.out_proj(mixed)
+    return hidden + layer.mlp(layer.layer_norm2(hidden)), probs
 
 
-def affinity_from_attention(attention: torch.Tensor, rounds: int = SINKHORN_ROUNDS) -> torch.Tensor:
-    """CLIP-ES's class-agnostic affinity from patch attention ``[N, N]``: alternate column/row normalisation
-    (``rounds`` times), symmetrise, then one random-walk step (the matrix squared)."""
-    affinity = attention.double()
-    for _ in range(rounds):
-        affinity = affinity / affinity.sum(0, keepdim=True)
-        affinity = affinity / affinity.sum(1, keepdim=True)
-    affinity = (affinity + affinity.t()) / 2
-    return (affinity @ affinity).float()
-
-
-def box_mask(grid_cam: np.ndarray, threshold: float = BOX_THRESHOLD) -> np.ndarray:
-    """Union of the bounding boxes of the connected regions (4-connectivity) where ``cam >= threshold * max``."""
-    above = grid_cam >= threshold * grid_cam.max() if grid_cam.max() > 0 else np.zeros_like(grid_cam, bool)
-    mask = np.zeros(grid_cam.shape, dtype=bool)
-    seen = np.zeros(grid_cam.shape, dtype=bool)
-    height, width = grid_cam.shape
-    for start in zip(*np.nonzero(above)):
-        if seen[start]:
-            continue
-        stack, ys, xs = [start], [], []
-        seen[start] = True
-        while stack:
-            y, x = stack.pop()
-            ys.append(y)
-            xs.append(x)
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < height and 0 <= nx < width and above[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-        mask[min(ys): max(ys) + 1, min(xs): max(xs) + 1] = True
-    return mask
-
-
-def refine_with_affinity(grid_cams: torch.Tensor, affinity: torch.Tensor,
-                         threshold: float = BOX_THRESHOLD) -> torch.Tensor:
-    """Class-aware affinity refinement: per class, keep affinity columns inside its CAM boxes; ``A_c @ cam_c``."""
-    k, height, width = grid_cams.shape
-    refined = []
-    for cam in grid_cams:
-        keep = torch.from_numpy(box_mask(cam.detach().cpu().numpy(), threshold)).flatten().to(affinity.device)
-        refined.append((affinity * keep[None, :].to(affinity.dtype)) @ cam.flatten().to(affinity.dtype))
-    return minmax(torch.stack(refined).view(k, height, width))
+def clip_es_position_embeddings(weight: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """CLIP-ES's position embeddings for a ``grid_h x grid_w`` patch grid (its ``clip/model.py``): the patch part
+    of ``weight [1 + n*n, D]`` resized bilinearly (``align_corners=False``), then the whole table rounded to fp16,
+    at every size (the native grid too). Returns ``[1 + grid_h * grid_w, D]`` in ``weight``'s dtype."""
+    side = math.isqrt(weight.shape[0] - 1)
+    if side * side != weight.shape[0] - 1:
+        raise ValueError(f"position embeddings of {weight.shape[0]} rows are not 1 + a square grid")
+    grid = weight[1:].t().reshape(1, -1, side, side).float()
+    grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+    table = torch.cat([weight[:1].float(), grid.reshape(weight.shape[1], -1).t()])
+    return table.half().to(weight.dtype)
 
 
 class CamEngine:
@@ -118,23 +106,53 @@ class CamEngine:
         self.patch_size = vision.config.patch_size
         self.num_layers = len(vision.encoder.layers)
 
-    def _prefix(self, pixels: torch.Tensor, caa_layers: int):
-        """Run every block but the last without autograd; collect the needed layers' attention."""
+    def embed(self, pixels: torch.Tensor, position_embedding: str = "clip_es") -> torch.Tensor:
+        """Input tokens ``[B, 1 + h*w, D]`` (before ``pre_layrnorm``) of images ``[B, 3, H, W]``.
+
+        Args:
+            position_embedding: ``"clip_es"`` (CLIP-ES: bilinear resize, rounded to fp16, see
+                [`clip_es_position_embeddings`]) or ``"bicubic"`` (transformers' `interpolate_pos_encoding`).
+        """
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
+        embeddings = self.model.clip.vision_model.embeddings
+        if position_embedding == "bicubic":
+            return embeddings(pixels, interpolate_pos_encoding=True)
+        patch = embeddings.patch_embedding
+        patches = patch(pixels.to(patch.weight.dtype)).flatten(2).transpose(1, 2)
+        tokens = torch.cat([embeddings.class_embedding.to(patches.dtype).expand(len(pixels), 1, -1), patches], 1)
+        table = clip_es_position_embeddings(embeddings.position_embedding.weight,
+                                            pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
+        return tokens + table.to(tokens.dtype)[None]
+
+    def _prefix(self, pixels: torch.Tensor, caa_layers: int, position_embedding: str = "clip_es"):
+        """Run every block but the last without autograd. The CAA blocks among them run with explicit attention
+        and hand back the sum of their head-averaged probabilities ``[B, T, T]`` (`None` without CAA)."""
         vision = self.model.clip.vision_model
-        hidden = vision.pre_layrnorm(vision.embeddings(pixels, interpolate_pos_encoding=True))
-        attention = []
+        hidden = vision.pre_layrnorm(self.embed(pixels, position_embedding))
+        attention = None
         first_caa = self.num_layers - caa_layers
         for index, layer in enumerate(vision.encoder.layers[:-1]):
             if caa_layers and index >= first_caa:
-                attention.append(_attention_probs(layer, hidden))
-            hidden = layer(hidden, None)
-        if caa_layers:
-            attention.append(_attention_probs(vision.encoder.layers[-1], hidden))
+                hidden, probs = _layer_with_attention(layer, hidden)
+                attention = probs if attention is None else attention.add_(probs)
+            else:
+                hidden = layer(hidden, None)
         return hidden, attention
 
     def grid_cams(self, pixels: torch.Tensor, class_indices: Sequence[int] | None = None, refine: bool = False,
-                  caa_layers: int = CAA_LAYERS, box_threshold: float = BOX_THRESHOLD):
+                  caa_layers: int = CAA_LAYERS, box_threshold: float = BOX_THRESHOLD, box_edges: str = "clip_es",
+                  position_embedding: str = "clip_es"):
         """CAMs on the patch grid for one image ``[1, 3, H, W]`` (H, W multiples of the patch size).
+
+        Args:
+            pixels: the normalised image.
+            class_indices: target classes; `None` predicts them (`config.prediction_threshold`).
+            refine: class-aware attention affinity (CAA) over the last `caa_layers` blocks' attention.
+            box_threshold: CAA's box threshold (fraction of the map's maximum).
+            box_edges: ``"clip_es"`` (CLIP-ES: the grid's last row and column never lie inside a CAA box) or
+                ``"full"`` (whole boxes); see `pole_hf.caa.box_mask`.
+            position_embedding: ``"clip_es"`` (bilinear, fp16) or ``"bicubic"`` (transformers'); see [`embed`].
 
         Returns:
             ``(grid_cams [k, h, w], class_indices [k], scores [k])``.
@@ -147,7 +165,7 @@ class CamEngine:
         num_classes = model.config.num_classes
         with torch.no_grad():
             text = model.get_text_features()
-            hidden, attention = self._prefix(pixels.to(model.clip.dtype), caa_layers)
+            hidden, attention = self._prefix(pixels.to(model.clip.dtype), caa_layers, position_embedding)
         last = model.clip.vision_model.encoder.layers[-1]
         attn = last.self_attn
         with torch.no_grad():
@@ -157,8 +175,10 @@ class CamEngine:
             # q, k, v are the gradient leaves: d/d(target) = sum of dq Wq + dk Wk + dv Wv, and GradCAM only needs its
             # mean over patch tokens, so the three [T, D] x [D, D] products per class shrink to [D] x [D, D]
             leaves = [p.detach().requires_grad_(True) for p in projections]
-            q, k_, v = (x.view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for x in leaves)
+            q, k_, v = (_split_heads(x, attn) for x in leaves)
             mixed = F.scaled_dot_product_attention(q, k_, v, scale=attn.scale).transpose(1, 2).reshape(target.shape)
+            if caa_layers:  # the last block's probabilities from its q, k (the fused kernel keeps autograd lean)
+                last_probs = _attention_and_probs(attn, q.detach(), k_.detach(), v, output=False)[1]
             attended = hidden + attn.out_proj(mixed)
             tokens = attended + last.mlp(last.layer_norm2(attended))
             features = F.normalize(model.image_features_from_tokens(tokens), dim=-1)
@@ -178,10 +198,11 @@ class CamEngine:
         weights = sum(grad[:, 0, 1:].float().mean(1) @ proj.weight.float()
                       for grad, proj in zip(grads, (attn.q_proj, attn.k_proj, attn.v_proj)))  # [k, D]
         cams = torch.relu(weights @ activations.t()).view(k, grid_h, grid_w)
-        cams = minmax(cams)
+        cams = minmax(minmax(cams))  # twice, as CLIP-ES (per layer, then after the layer mean)
         if refine:
-            patch_attention = torch.stack(attention).mean(0)[1:, 1:]
-            cams = refine_with_affinity(cams, affinity_from_attention(patch_attention), box_threshold)
+            attention = last_probs if attention is None else attention + last_probs
+            patch_attention = (attention[0] / caa_layers)[1:, 1:]
+            cams = refine_with_transition(cams, transition_from_attention(patch_attention), box_threshold, box_edges)
         return cams, indices, probs.detach()
 
     def __call__(self, image, processor, class_indices: Sequence[int] | None = None, scales: Sequence[float] = (1.0,),

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .masks import IGNORE_ID, cams_to_mask, class_scores, crf_refine, scores_to_mask
+from .masks import IGNORE_ID, cams_to_mask, crf_scores, scores_to_mask
 
 _METRIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "mean_iou")
 
@@ -228,11 +228,12 @@ class ThresholdSweep:
         mode: `"threshold"` or `"power"`.
         ignore_index: Target label to leave out.
         crf: Refine each setting's scores with a dense CRF (CLIP-ES's pseudo masks) before the argmax.
+        crf_image: The CRF's appearance image, `"clip_es"` or `"rgb"` (see [`pole_hf.masks.crf_image`]).
     """
 
     def __init__(
         self, num_classes: int, thresholds: Sequence[float], mode: str = "threshold", ignore_index: int = IGNORE_ID,
-        crf: bool = False,
+        crf: bool = False, crf_image: str = "clip_es",
     ):
         if mode not in ("threshold", "power"):
             raise ValueError(f"mode must be 'threshold' or 'power', got {mode!r}.")
@@ -241,6 +242,7 @@ class ThresholdSweep:
             raise ValueError("thresholds is empty; pass at least one background value, e.g. [0.5].")
         self.mode = mode
         self.crf = crf
+        self.crf_image = crf_image
         self.matrices = [ConfusionMatrix(num_classes, ignore_index) for _ in self.thresholds]
 
     def update(self, cams: np.ndarray, class_ids: Sequence[int], target: np.ndarray, image=None) -> ThresholdSweep:
@@ -260,8 +262,9 @@ class ThresholdSweep:
             if self.crf:
                 if image is None:
                     raise ValueError("a CRF sweep needs the image: pass update(..., image=np.asarray(rgb_image))")
-                scores = class_scores(cams, background=self.mode, **setting)
-                pred = scores_to_mask(crf_refine(np.asarray(image), scores), class_ids)
+                scores = crf_scores(np.asarray(image), cams, background=self.mode, image_mode=self.crf_image,
+                                    **setting)
+                pred = scores_to_mask(scores, class_ids)
             else:
                 pred = cams_to_mask(cams, class_ids, background=self.mode, **setting)
             matrix.update(pred, target)
@@ -310,8 +313,9 @@ def load_mean_iou_metric(**kwargs):
 
 def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0, 2.0), thresholds=None,
                   refine: bool = False, progress: bool = True, class_names: Sequence[str] | None = None,
-                  crf: bool = False) -> dict:
-    """CAM mIoU of a `PolePromptModel` or a `PoleCamNetwork` over a dataset with masks, CLIP-ES style: ground-truth labels as targets,
+                  crf: bool = False, crf_image: str = "clip_es", **cam_kwargs) -> dict:
+    """CAM mIoU of a `PolePromptModel` or a `PoleCamNetwork` over a dataset with masks, CLIP-ES style: ground-truth
+    labels as targets,
     background `(1 - max cam) ** t` for each power (and fixed thresholds when given); the best setting is reported.
 
     Args:
@@ -325,6 +329,8 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
         crf: also score pseudo masks (a dense CRF on the class scores before the argmax; needs the `crf` extra)
             from the same CAMs, reported under `pseudo_mask`.
         class_names: names for the table (default: the model's classes).
+        crf_image: the CRF's appearance image (`"clip_es"` or `"rgb"`).
+        **cam_kwargs: passed to [`CamEngine`] (`box_edges`, `position_embedding`, `scales`, ...).
 
     Returns:
         dict with `miou` (best), `bg_power` or `bg_threshold`, `per_class_iou`, `curve`, `skipped` ids, `table`,
@@ -339,9 +345,9 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
     engine = cam_engine(model)  # GradCAM of a prompt model, or a CAM network's own multi-scale CAMs
     num_labels = model.config.num_classes + 1
     def build(with_crf: bool) -> list[ThresholdSweep]:
-        built = [ThresholdSweep(num_labels, powers, mode="power", crf=with_crf)]
+        built = [ThresholdSweep(num_labels, powers, mode="power", crf=with_crf, crf_image=crf_image)]
         if thresholds is not None:
-            built.append(ThresholdSweep(num_labels, thresholds, mode="threshold", crf=with_crf))
+            built.append(ThresholdSweep(num_labels, thresholds, mode="threshold", crf=with_crf, crf_image=crf_image))
         return built
 
     groups = {"cam": build(False), **({"pseudo_mask": build(True)} if crf else {})}
@@ -352,7 +358,7 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
             continue
         labels = sorted(set(example.labels))
         if labels:
-            cams = engine(example.image, processor, labels, refine=refine).cams.numpy()
+            cams = engine(example.image, processor, labels, refine=refine, **cam_kwargs).cams.numpy()
         else:
             cams = np.zeros((0, *example.mask.shape), np.float32)
         for sweep in (s for sweeps in groups.values() for s in sweeps):  # the CAMs are computed once for all

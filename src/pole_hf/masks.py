@@ -15,6 +15,10 @@ from PIL import Image
 BACKGROUND_ID = 0
 IGNORE_ID = 255
 _BACKGROUND_MODES = ("power", "threshold")
+CRF_IMAGE_MODES = ("clip_es", "rgb")
+CRF_CONFIDENCE = 0.95
+"""CLIP-ES writes pseudo-mask pixels whose CRF marginal is below this as 255 (``eval_cam_with_crf.py``)."""
+CLIP_ES_MEAN_BGR = (104.008, 116.669, 122.675)
 
 
 def _voc_palette() -> list[int]:
@@ -163,6 +167,28 @@ def cams_to_mask(
     return scores_to_mask(scores, class_ids, ignore_below)
 
 
+def crf_image(image: np.ndarray, mode: str = "clip_es") -> np.ndarray:
+    """The bilateral kernel's image for [`crf_refine`].
+
+    Args:
+        image: Uint8 RGB image `[H, W, 3]`.
+        mode: `"clip_es"`: CLIP-ES's input (`eval_cam_with_crf.py`): BGR minus the Caffe mean
+            `(104.008, 116.669, 122.675)`, cast to uint8, so negative values wrap around (-1 becomes 255) and dark
+            pixels look bright to the kernel; `"rgb"`: the image itself (the corrected input).
+
+    Returns:
+        Uint8 `[H, W, 3]`, C-contiguous.
+    """
+    if mode not in CRF_IMAGE_MODES:
+        raise ValueError(f"crf image mode must be one of {CRF_IMAGE_MODES}, got {mode!r}")
+    image = np.asarray(image)
+    if mode == "rgb":
+        return np.array(image, dtype=np.uint8, order="C", copy=True)  # pydensecrf needs a writable buffer
+    shifted = image[..., ::-1].astype(np.float32)
+    shifted -= CLIP_ES_MEAN_BGR  # in place, as CLIP-ES: float64 arithmetic, float32 result
+    return np.ascontiguousarray(np.mod(np.trunc(shifted).astype(np.int64), 256).astype(np.uint8))
+
+
 def crf_refine(
     image: np.ndarray,
     probs: np.ndarray,
@@ -172,26 +198,33 @@ def crf_refine(
     bi_xy: float = 67,
     bi_rgb: float = 3,
     bi_w: float = 4,
+    image_mode: str = "clip_es",
+    half_precision: bool = True,
 ) -> np.ndarray:
-    """Refines per-class probabilities with a fully connected CRF (defaults: CLIP-ES' VOC settings).
+    """Refines per-class probabilities with a fully connected CRF (defaults: CLIP-ES' VOC settings and inputs).
 
     Needs the optional `pydensecrf2` package (`pip install pole_hf[crf]` or `pip install pydensecrf2`).
 
     Args:
         image: Uint8 RGB image `[H, W, 3]`.
-        probs: Non-negative scores `[C, H, W]` (e.g. [`class_scores`]); used as `-log(p)` unaries.
+        probs: Non-negative scores `[C, H, W]` (e.g. [`class_scores`]); used as `-log(clip(p, 1e-5, 1))` unaries.
         iterations: Mean-field iterations.
         pos_xy: Spatial standard deviation of the smoothness (Gaussian) kernel.
         pos_w: Weight of the smoothness kernel.
         bi_xy: Spatial standard deviation of the appearance (bilateral) kernel.
         bi_rgb: Colour standard deviation of the appearance kernel.
         bi_w: Weight of the appearance kernel.
+        image_mode: The appearance kernel's image, see [`crf_image`]: `"clip_es"` (BGR minus mean, wrapped to
+            uint8, as CLIP-ES) or `"rgb"` (the image; corrected).
+        half_precision: Round `probs` to fp16 and take the unaries' log in fp16, as CLIP-ES does with its saved
+            fp16 maps; `False` keeps float32.
 
     Returns:
         Float32 marginals `[C, H, W]`, summing to 1 over C.
     """
     try:
         import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
     except ImportError as error:
         raise ImportError(
             "crf_refine needs a dense CRF: run `pip install pydensecrf2` (or `pole_hf[crf]`)."
@@ -210,12 +243,54 @@ def crf_refine(
         raise ValueError("probs contain NaN values; fix the scores before the CRF.")
     num_labels, height, width = probs.shape
     crf = dcrf.DenseCRF2D(width, height, num_labels)
-    unary = -np.log(np.clip(probs, 1e-8, None)).reshape(num_labels, -1)
+    unary = unary_from_softmax(probs.astype(np.float16) if half_precision else probs, clip=1e-5)
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=pos_xy, compat=pos_w)
-    crf.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=np.array(image, dtype=np.uint8, order="C", copy=True), compat=bi_w)
+    crf.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=crf_image(image, image_mode), compat=bi_w)
     marginals = crf.inference(iterations)
     return np.asarray(marginals, dtype=np.float32).reshape(num_labels, height, width)
+
+
+def crf_scores(
+    image: np.ndarray,
+    cams: np.ndarray,
+    background: str = "power",
+    bg_power: float = 1.0,
+    bg_threshold: float = 0.5,
+    image_mode: str = "clip_es",
+    half_precision: bool = True,
+    max_side: int | None = None,
+) -> np.ndarray:
+    """CLIP-ES's CRF step on CAMs: the maps rounded to fp16 (as CLIP-ES saves them), background in front
+    ([`class_scores`]), then [`crf_refine`].
+
+    Args:
+        image: Uint8 RGB image `[H, W, 3]` (or PIL).
+        cams: Foreground maps `[k, H, W]` in [0, 1] at the image's size.
+        background, bg_power, bg_threshold: See [`background_score`].
+        image_mode, half_precision: See [`crf_refine`].
+        max_side: When the image's longer side exceeds it, the CRF runs on the image and maps downscaled to this
+            side (the CAMs' computation size) and its marginals are upsampled bilinearly (a 6000x4000 photo:
+            seconds, not minutes); `None` always runs at full size.
+
+    Returns:
+        Float32 marginals `[k + 1, H, W]`, background first.
+    """
+    cams = _check_cams(cams)
+    image = np.asarray(image)
+    height, width = cams.shape[1:]
+    shrink = 1.0 if max_side is None else min(1.0, max_side / max(height, width))
+    if shrink < 1.0:
+        size = (max(1, round(width * shrink)), max(1, round(height * shrink)))
+        marginals = crf_scores(np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)),
+                               np.stack([_resize_map(cam, size) for cam in cams]) if len(cams) else
+                               np.zeros((0, size[1], size[0]), np.float32),
+                               background, bg_power, bg_threshold, image_mode, half_precision)
+        return np.stack([_resize_map(channel, (width, height)) for channel in marginals])
+    if half_precision:
+        cams = cams.astype(np.float16).astype(np.float32)
+    scores = class_scores(cams, background, bg_power, bg_threshold)
+    return crf_refine(image, scores, image_mode=image_mode, half_precision=half_precision)
 
 
 def mask_to_image(mask: np.ndarray) -> Image.Image:

@@ -17,7 +17,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .cam import CAA_LAYERS, MAX_SIDE, CamEngine
 from .images import load_image
 from .labels import class_indices
-from .masks import class_scores, crf_refine, mask_to_image, overlay, scores_to_mask
+from .masks import CRF_CONFIDENCE, class_scores, crf_scores, mask_to_image, overlay, scores_to_mask
 
 
 def load_image_processor(model):
@@ -65,8 +65,16 @@ class PoleCamPipeline(Pipeline):
             network's `config.cam_flip`): multi-scale / flip averaging.
         background (`str`, defaults to `"power"`), bg_power (`float`, 1.0), bg_threshold (`float`, 0.5): background
             score `(1 - max cam) ** bg_power` or the fixed `bg_threshold`.
-        crf (`bool`, defaults to `False`): dense CRF on the class scores (needs `pip install pole_hf[crf]`).
-        ignore_below (`float`, *optional*): pixels whose winning score is below this become 255 in the mask.
+        box_edges (`str`, defaults to `"clip_es"`): CAA boxes as CLIP-ES (the grid's last row and column are never
+            inside a box) or `"full"` (whole boxes, corrected).
+        position_embedding (`str`, defaults to `"clip_es"`): bilinear fp16 position embeddings as CLIP-ES, or
+            `"bicubic"` (transformers' `interpolate_pos_encoding`).
+        crf (`bool`, defaults to `False`): dense CRF on the class scores (needs `pip install pole_hf[crf]`); for
+            images above `max_side` it runs at the CAMs' computation size and its marginals are upsampled.
+        crf_image (`str`, defaults to `"clip_es"`): the CRF's appearance image: CLIP-ES's BGR-minus-mean cast to
+            uint8 (negatives wrap around) or `"rgb"` (the image; corrected).
+        ignore_below (`float`, *optional*): pixels whose winning score is below this become 255 in the mask;
+            with `crf=True` it defaults to CLIP-ES's 0.95 (pass 0 to keep every pixel).
         return_overlay (`bool`, defaults to `False`): also return a heatmap blend of the strongest CAM.
 
     Returns (per image): `labels`, `scores`, `cams` (float32 `[k, H, W]` at the input size), `mask` (PIL "P"
@@ -104,11 +112,13 @@ class PoleCamPipeline(Pipeline):
         return super().__call__(images, **kwargs)
 
     def _sanitize_parameters(self, refine=None, scales=None, flip=None, caa_layers=None, max_side=None,
-                             background=None, bg_power=None, bg_threshold=None, crf=None, ignore_below=None,
-                             return_overlay=None, **kwargs):
+                             box_edges=None, position_embedding=None, background=None, bg_power=None,
+                             bg_threshold=None, crf=None, crf_image=None, ignore_below=None, return_overlay=None,
+                             **kwargs):
         if kwargs:
             raise TypeError(f"unknown pole-cam argument(s) {sorted(kwargs)}: use refine, scales, flip, caa_layers, "
-                            "max_side, background, bg_power, bg_threshold, crf, ignore_below, return_overlay")
+                            "max_side, box_edges, position_embedding, background, bg_power, bg_threshold, crf, "
+                            "crf_image, ignore_below, return_overlay")
         if scales is not None:
             scales = tuple(scales)
             if not scales or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in scales):
@@ -116,9 +126,11 @@ class PoleCamPipeline(Pipeline):
         if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
             raise ValueError(f"max_side={max_side!r} must be a positive integer (pixels of the longer side)")
         forward = {k: v for k, v in dict(refine=refine, scales=scales, flip=flip, caa_layers=caa_layers,
-                                         max_side=max_side).items() if v is not None}
+                                         max_side=max_side, box_edges=box_edges,
+                                         position_embedding=position_embedding).items() if v is not None}
         post = {k: v for k, v in dict(background=background, bg_power=bg_power, bg_threshold=bg_threshold, crf=crf,
-                                      ignore_below=ignore_below, return_overlay=return_overlay).items()
+                                      crf_image=crf_image, ignore_below=ignore_below,
+                                      return_overlay=return_overlay).items()
                 if v is not None}
         return {}, forward, post
 
@@ -138,22 +150,27 @@ class PoleCamPipeline(Pipeline):
         return {"image": image, "class_indices": indices}
 
     def _forward(self, model_inputs, refine=False, scales=None, flip=None, caa_layers=CAA_LAYERS,
-                 max_side=MAX_SIDE):
+                 max_side=MAX_SIDE, box_edges="clip_es", position_embedding="clip_es"):
         if not is_cam_network(self.model):  # GradCAM's defaults; a CAM network keeps its config's
             scales, flip = (1.0,) if scales is None else scales, bool(flip)
         output = self.engine(model_inputs["image"], self.image_processor, model_inputs["class_indices"],
                              scales=None if scales is None else tuple(scales), flip=flip, refine=refine,
-                             max_side=max_side, caa_layers=caa_layers)
-        return {"image": model_inputs["image"], "cam_output": output}
+                             max_side=max_side, caa_layers=caa_layers, box_edges=box_edges,
+                             position_embedding=position_embedding)
+        return {"image": model_inputs["image"], "cam_output": output, "max_side": max_side}
 
     def postprocess(self, model_outputs, background="power", bg_power=1.0, bg_threshold=0.5, crf=False,
-                    ignore_below=None, return_overlay=False):
+                    crf_image="clip_es", ignore_below=None, return_overlay=False):
         output, image = model_outputs["cam_output"], model_outputs["image"]
         cams = output.cams.numpy().astype(np.float32)
         class_ids = [int(i) + 1 for i in output.class_indices]
-        scores = class_scores(cams, background=background, bg_power=bg_power, bg_threshold=bg_threshold)
+        setting = dict(background=background, bg_power=bg_power, bg_threshold=bg_threshold)
         if crf:
-            scores = crf_refine(np.asarray(image), scores)
+            scores = crf_scores(np.asarray(image), cams, **setting, image_mode=crf_image,
+                                max_side=model_outputs["max_side"])  # huge images: at the computation size
+            ignore_below = CRF_CONFIDENCE if ignore_below is None else ignore_below
+        else:
+            scores = class_scores(cams, **setting)
         names = self.model.config.class_names
         result = {
             "labels": [names[int(i)] for i in output.class_indices],
