@@ -1,4 +1,4 @@
-"""`pole-hf` command line: demo, cam, select, train, eval, push, pull.
+"""`pole-hf` command line: demo, cam, select, train, eval, push, pull, run (labels to a segmentation model).
 
 Exit codes: 0 success, 1 a runtime error (printed as one line), 2 a usage error.
 """
@@ -118,6 +118,15 @@ def cmd_demo(args) -> None:
     run_demo(output_dir=args.out, num_images=args.num_images, base=args.base, progress=not args.quiet)
 
 
+def cmd_run(args) -> None:
+    from .run import StageError, run_pipeline
+
+    try:
+        run_pipeline(args)
+    except StageError as err:
+        raise CliError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pole-hf", description="POLE prompts and CLIP-ES CAMs on Hugging Face")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -152,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run examples/train_pole.py (arguments after -- go to the script)")
     train.add_argument("--launch_args", default="", help="e.g. '--cpu --num_processes 2' for accelerate launch")
 
+    from .run import add_run_arguments
+
+    add_run_arguments(sub.add_parser("run", help="labels to a segmentation model: select words, learn prompts, "
+                                     "pseudo masks, segmentation training, val mIoU (resumable)"))
+
     push = sub.add_parser("push", help="push a prompts folder to the Hub")
     push.add_argument("folder")
     push.add_argument("repo_id")
@@ -181,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         hf_logging.disable_progress_bar()
     handlers = {"cam": cmd_cam, "eval": cmd_eval, "select": cmd_select, "push": cmd_push, "pull": cmd_pull,
-                "demo": cmd_demo}
+                "demo": cmd_demo, "run": cmd_run}
     try:
         if args.command == "train":
             cmd_train(args, extra)
