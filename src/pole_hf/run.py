@@ -36,6 +36,8 @@ def add_run_arguments(parser) -> None:
 
     parser.add_argument("--dataset", default="synthetic", help=SPEC_HELP)
     parser.add_argument("--base", default=None, help="base CLIP id or folder (default: the bundled tiny CLIP)")
+    parser.add_argument("--prompts", default=None, help="use these prompts (folder or Hub repo) for the pseudo masks: "
+                        "stages 1-2 are skipped")
     parser.add_argument("--run_dir", default="pole-run")
     parser.add_argument("--num_images", type=int, default=400, help="training images (all stages)")
     parser.add_argument("--image_size", type=int, default=None, help="synthetic images' side (default: the "
@@ -122,7 +124,8 @@ def stage_commands(args, run_dir: str, image_size: int) -> dict[str, list[str] |
                                     "--checkpointing_steps", str(args.checkpointing_steps),
                                     "--resume_from_checkpoint", "latest", "--eval_split", "val",
                                     "--eval_images", str(args.eval_images)]),
-        "3_cams": _launch(args, [find_example("generate_cams.py"), *common, "--model", folder["2_prompts"],
+        "3_cams": _launch(args, [find_example("generate_cams.py"), *common,
+                                 "--model", args.prompts or folder["2_prompts"],
                                  "--split", "train", "--image_size", str(image_size),
                                  "--output_dir", folder["3_cams"], *crf]),
         "4_segmentation": _launch(args, ["-m", "pole_hf.segmentation.train", "--dataset", args.dataset,
@@ -201,6 +204,9 @@ def run_pipeline(args, log=print) -> dict:
     commands = stage_commands(args, run_dir, image_size)
     for stage in STAGES:
         folder = os.path.join(run_dir, stage)
+        if args.prompts and stage in ("1_select", "2_prompts"):
+            log(f"pole-hf run: {stage} skipped: pseudo masks from --prompts {args.prompts}")
+            continue
         if stage_done(run_dir, stage):
             log(f"pole-hf run: {stage} already complete, skipped")
             continue
