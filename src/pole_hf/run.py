@@ -49,9 +49,10 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--seg_model", default=None, help="segmentation checkpoint (e.g. nvidia/mit-b0); default: "
                         "a SegFormer from --seg_config")
     parser.add_argument("--seg_config", default="mit-small", help="'mit-b0', 'mit-small', 'tiny' or a JSON file")
-    parser.add_argument("--seg_steps", type=int, default=300)
-    parser.add_argument("--seg_batch_size", type=int, default=16)
-    parser.add_argument("--seg_learning_rate", type=float, default=2e-3)
+    parser.add_argument("--seg_steps", type=int, default=800)
+    parser.add_argument("--seg_batch_size", type=int, default=8)
+    parser.add_argument("--seg_learning_rate", type=float, default=3e-3)
+    parser.add_argument("--seg_scale_range", type=float, nargs=2, default=(0.75, 1.5))
     parser.add_argument("--checkpointing_steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--launch_args", default="", help="run stages 2-4 with `accelerate launch ARGS`, e.g. "
@@ -138,6 +139,7 @@ def stage_commands(args, run_dir: str, image_size: int) -> dict[str, list[str] |
                                          "--max_train_steps", str(args.seg_steps),
                                          "--train_batch_size", str(args.seg_batch_size),
                                          "--learning_rate", str(args.seg_learning_rate),
+                                         "--scale_range", *map(str, args.seg_scale_range),
                                          "--checkpointing_steps", str(args.checkpointing_steps),
                                          "--resume_from_checkpoint", "latest", *cpu]),
     }
