@@ -88,9 +88,11 @@ def cmd_train(args, extra: list[str]) -> None:
 
 
 def find_example(name: str) -> str:
-    """Path of a script in the repository's `examples/` (a source checkout) or `$POLE_HF_EXAMPLES`."""
+    """Path of a script in `$POLE_HF_EXAMPLES`, the repository's `examples/` (a source checkout) or the copy a wheel
+    installs into `{sys.prefix}/share/pole_hf/examples`."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for folder in (os.environ.get("POLE_HF_EXAMPLES"), os.path.join(here, "..", "..", "examples")):
+    installed = os.path.join(sys.prefix, "share", "pole_hf", "examples")
+    for folder in (os.environ.get("POLE_HF_EXAMPLES"), os.path.join(here, "..", "..", "examples"), installed):
         if folder and os.path.isfile(os.path.join(folder, name)):
             return os.path.abspath(os.path.join(folder, name))
     raise CliError(f"examples/{name} not found: run from a source checkout or set POLE_HF_EXAMPLES to its folder")
@@ -115,7 +117,8 @@ def cmd_pull(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(output_dir=args.out, num_images=args.num_images, base=args.base, progress=not args.quiet)
+    run_demo(output_dir=args.out, num_images=args.num_images, base=args.base, progress=not args.quiet,
+             full=args.full)
 
 
 def cmd_run(args) -> None:
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="pole-demo")
     demo.add_argument("--num_images", type=int, default=100)
     demo.add_argument("--base", default=None, help="another base CLIP (its classes must fit the synthetic world)")
+    demo.add_argument("--full", action="store_true", help="also train a segmentation model on each variant's "
+                      "pseudo masks (the last column; ~10 minutes per variant on 2 CPU cores)")
 
     cam = sub.add_parser("cam", help="CAMs, pseudo masks and overlays for images")
     cam.add_argument("images", nargs="+")
