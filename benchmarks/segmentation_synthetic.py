@@ -40,7 +40,7 @@ def main() -> None:
     gt_dir = os.path.join(args.out, "gt")
     command = stage_commands(defaults, gt_dir, _base_image_size(defaults))["4_segmentation"]
     masks = command.index("--masks")
-    command = [*command[:masks], *command[masks + 2:], "--num_images", str(defaults.num_images)]
+    command = [*command[:masks], *command[masks + 2:], "--num_images", "400"]  # the run's synthetic default
     commands = {"ground truth": command,
                 "official names": [*run, "--run_dir", os.path.join(args.out, "official"), "--prompts", official],
                 "POLE (selected words + learned class tokens)": [*run, "--run_dir", os.path.join(args.out, "pole")]}

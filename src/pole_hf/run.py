@@ -39,7 +39,8 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--prompts", default=None, help="use these prompts (folder or Hub repo) for the pseudo masks: "
                         "stages 1-2 are skipped")
     parser.add_argument("--run_dir", default="pole-run")
-    parser.add_argument("--num_images", type=int, default=400, help="training images (all stages)")
+    parser.add_argument("--num_images", type=int, default=None, help="first N training images, all stages "
+                        "(default: 400 of the synthetic world, every image of other datasets)")
     parser.add_argument("--image_size", type=int, default=None, help="synthetic images' side (default: the "
                         "base CLIP's input size)")
     parser.add_argument("--select_images", type=int, default=100)
@@ -49,6 +50,8 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--seg_model", default=None, help="segmentation checkpoint (e.g. nvidia/mit-b0); default: "
                         "a SegFormer from --seg_config")
     parser.add_argument("--seg_config", default="mit-small", help="'mit-b0', 'mit-small', 'tiny' or a JSON file")
+    parser.add_argument("--seg_crop_size", type=int, default=None, help="training crop and processor size "
+                        "(default: --image_size; 512 suits VOC)")
     parser.add_argument("--seg_steps", type=int, default=800)
     parser.add_argument("--seg_batch_size", type=int, default=8)
     parser.add_argument("--seg_learning_rate", type=float, default=3e-3)
@@ -116,7 +119,11 @@ def stage_commands(args, run_dir: str, image_size: int) -> dict[str, list[str] |
 
     folder = {stage: os.path.join(run_dir, stage) for stage in STAGES}
     cpu = ["--cpu"] if args.cpu else []
-    common = ["--dataset", args.dataset, "--num_images", str(args.num_images), "--seed", str(args.seed), *cpu]
+    num_images = args.num_images or (400 if args.dataset.startswith("synthetic") else None)
+    common = ["--dataset", args.dataset, "--seed", str(args.seed), *cpu,
+              *(["--num_images", str(num_images)] if num_images else [])]
+    seg_size = ["--image_size", str(image_size)] + (["--crop_size", str(args.seg_crop_size)] if args.seg_crop_size
+                                                    else [])
     crf = [] if args.no_crf or not _crf_available() else ["--crf"]
     return {
         "1_select": None,
@@ -130,7 +137,7 @@ def stage_commands(args, run_dir: str, image_size: int) -> dict[str, list[str] |
                                  "--split", "train", "--image_size", str(image_size),
                                  "--output_dir", folder["3_cams"], *crf]),
         "4_segmentation": _launch(args, ["-m", "pole_hf.segmentation.train", "--dataset", args.dataset,
-                                         "--masks", folder["3_cams"], "--image_size", str(image_size),
+                                         "--masks", folder["3_cams"], *seg_size,
                                          "--world_seed", str(args.seed), "--seed", str(args.seed),
                                          "--eval_images", str(args.eval_images),
                                          "--output_dir", folder["4_segmentation"],

@@ -139,7 +139,8 @@ def training_function(args) -> dict:
                          f"{accelerator.num_processes} processes; pick a multiple")
     set_seed(args.seed)
     train, val, names, summary = load_training_data(args)
-    model, processor = build_segmentation_model(names, args.model_name_or_path, args.config_name, args.image_size)
+    model, processor = build_segmentation_model(names, args.model_name_or_path, args.config_name,
+                                                args.crop_size or args.image_size)
     if accelerator.num_processes > 1:
         convert_batch_norms(model)  # statistics over the global batch, on any backend (gloo included)
     crop = args.crop_size or args.image_size
