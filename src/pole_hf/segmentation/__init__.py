@@ -5,7 +5,13 @@
 `python -m pole_hf.segmentation.train` (also `examples/train_segmentation.py`).
 """
 
-from .data import SegmentationTrainSet, build_pseudo_mask_dataset, example_ids, load_pseudo_masks, save_pseudo_mask_dataset
+from .data import (
+    SegmentationTrainSet,
+    build_pseudo_mask_dataset,
+    example_ids,
+    load_pseudo_masks,
+    save_pseudo_mask_dataset,
+)
 from .modeling import DistributedBatchNorm2d, build_segmentation_model, convert_batch_norms, label_maps
 
 __all__ = [
