@@ -2,12 +2,13 @@
 
     accelerate launch examples/train_pole.py --dataset voc:/data/VOCdevkit/VOC2012 \
         --base openai/clip-vit-base-patch16 --output_dir out/
-    accelerate launch --cpu --num_processes 2 examples/train_pole.py --dataset synthetic --output_dir out/
+    accelerate launch --multi_gpu --num_processes 2 examples/train_pole.py --cpu --dataset synthetic --output_dir out/
 
 Each step: CAMs of the current prompts (detached) for every (image, label) pair, CAM-masked foreground and
 background images, POLE's OTM + BTM + CBS loss; gradients reach only the class tokens (and the optional context and
-adapters). The global batch is split across processes (`split_batches`), and each process's loss is scaled by its
-share of the global pairs, so gradients summed over processes equal the one-process gradient of the same batch.
+adapters). Every process draws the same global batches and keeps its slice by position (an uneven last batch is split
+without padding), and each process's loss is scaled by its share of the global pairs, so gradients summed over
+processes equal the one-process gradient of the same batch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import sys
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -32,7 +32,14 @@ from pole_hf.data.spec import SPEC_HELP, ExampleReader, class_names_of, load_dat
 from pole_hf.images import pixel_values as to_pixel_values
 from pole_hf.objective import PoleObjective
 from pole_hf.pipeline_pole import load_image_processor
-from pole_hf.training import checkpoint_step, latest_checkpoint, save_checkpoint
+from pole_hf.training import (
+    check_trackers,
+    latest_checkpoint,
+    load_checkpoint,
+    log_run_start,
+    process_share,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("train_pole")
 
@@ -74,7 +81,18 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report_to", default=None, help="accelerate tracker, e.g. tensorboard")
     parser.add_argument("--cpu", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("max_train_steps", "num_train_epochs", "train_batch_size", "eval_images", "select_images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} {value} must be at least 1")
+    if args.num_images is not None and args.num_images < 1:
+        parser.error(f"--num_images {args.num_images} must be at least 1")
+    try:
+        check_trackers(args.report_to)
+    except ImportError as err:
+        parser.error(str(err))
+    return args
 
 
 class PixelDataset(torch.utils.data.Dataset):
@@ -102,8 +120,24 @@ class PixelDataset(torch.utils.data.Dataset):
         return pixels, sorted(set(example.labels))
 
 
-def collate(batch):
-    return torch.stack([pixels for pixels, _ in batch]), [labels for _, labels in batch]
+def epoch_batches(data: PixelDataset, batch_size: int, seed: int, accelerator) -> list:
+    """This process's slices of one epoch's global batches, in a shuffled order that every process shares.
+
+    A batch is decoded lazily when the returned `_LocalBatch` is unpacked; a slice may be empty (uneven last batch).
+    """
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return [_LocalBatch(data, batch[process_share(len(batch), accelerator)]) for batch in batches]
+
+
+class _LocalBatch:
+    def __init__(self, data: PixelDataset, indices: list[int]):
+        self.data, self.indices = data, indices
+
+    def __iter__(self):
+        items = [self.data[i] for i in self.indices]
+        pixels = torch.stack([p for p, _ in items]) if items else torch.zeros(0, 3, *self.data.size)
+        return iter((pixels, [labels for _, labels in items]))
 
 
 def build_model(args, class_names):
@@ -147,15 +181,20 @@ def base_image_size(args) -> int:
 
 
 def training_function(args) -> dict:
+    # split_batches: the batch size is global, so the prepared scheduler steps once per optimizer step (without it
+    # accelerate steps it once per process)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.report_to,
                               project_dir=args.output_dir,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True,
-                                                                        use_seedable_sampler=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    log_run_start(logger, accelerator, "train_pole.py")
     set_seed(args.seed)
     args.image_size = base_image_size(args)
     train_set = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
                                   image_size=args.image_size)
     class_names = class_names_of(train_set)
+    # the evaluation split is loaded (and a wrong name refused) before any training
+    args.eval_set = load_dataset_spec(args.dataset, split=args.eval_split, num_images=args.eval_images, seed=0,
+                                      image_size=args.image_size, class_names=class_names) if args.eval_split else None
     model = build_model(args, class_names).to(accelerator.device)
     processor = load_image_processor(model)
     selection = None
@@ -167,20 +206,19 @@ def training_function(args) -> dict:
                                        progress=accelerator.is_main_process)
         selection.apply(model)
     data = PixelDataset(train_set, processor, (args.image_size, args.image_size))
-    loader = DataLoader(data, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate)
     params = model.learnable_parameters()
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(len(data) / args.train_batch_size)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
                               num_training_steps=max_steps)
-    # the frozen CLIP is not wrapped in DDP: gradients of the few prompt tensors are summed by hand below
-    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
-    accelerator.register_for_checkpointing(model.prompt_learner)
-    for adapter in (model.visual_adapter, model.text_adapter):
-        if adapter is not None:
-            accelerator.register_for_checkpointing(adapter)
+    # the frozen CLIP is not wrapped in DDP: gradients of the few prompt tensors are summed by hand below; the
+    # data is not prepared either: every process draws the same global batches and keeps its slice of each
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    owned = {name: module for name, module in (("prompt_learner", model.prompt_learner),
+                                               ("visual_adapter", model.visual_adapter),
+                                               ("text_adapter", model.text_adapter)) if module is not None}
     if args.report_to:
         accelerator.init_trackers("pole", config={k: v for k, v in vars(args).items() if v is not None})
     otm, btm, cbs = (float(w) for w in args.loss_weights.split(","))
@@ -191,30 +229,36 @@ def training_function(args) -> dict:
         path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" \
             else args.resume_from_checkpoint
         if path:
-            accelerator.load_state(path)
+            step = load_checkpoint(accelerator, path, owned)
             model._text_cache.clear()
-            step = checkpoint_step(path)
             start_epoch, skip = divmod(step, steps_per_epoch)
+            if accelerator.is_main_process:
+                logger.info("resumed from %s at step %d", os.path.basename(path), step)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, desc="POLE")
     history = []
     try:
         for epoch in range(start_epoch, epochs):
-            loader.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, skip) if epoch == start_epoch and skip else loader
-            for pixels, labels in batches:
+            batches = epoch_batches(data, args.train_batch_size, args.seed + epoch, accelerator)
+            for pixels, labels in batches[skip if epoch == start_epoch else 0:]:
                 if step >= max_steps:
                     break
+                pixels = pixels.to(accelerator.device)
                 cams = [engine.grid_cams(pixels[i:i + 1], labels[i])[0] if labels[i] else
                         pixels.new_zeros(0, 1, 1) for i in range(len(labels))]
                 total_pairs = accelerator.reduce(torch.tensor(pair_count(labels), device=accelerator.device), "sum")
-                with accelerator.autocast():
-                    out = objective(model, pixels, cams, labels)
-                share = pair_count(labels) / max(int(total_pairs), 1)
-                loss = share * (objective.weights["otm"] * out.otm + objective.weights["btm"] * out.btm) \
-                    + objective.weights["cbs"] * out.cbs
+                if pair_count(labels):
+                    with accelerator.autocast():
+                        out = objective(model, pixels, cams, labels)
+                    share = pair_count(labels) / max(int(total_pairs), 1)
+                    loss = share * (objective.weights["otm"] * out.otm + objective.weights["btm"] * out.btm) \
+                        + objective.weights["cbs"] * out.cbs
+                    terms = {"otm": out.otm.item(), "btm": out.btm.item(), "cbs": out.cbs.item()}
+                else:  # this process's slice of an uneven last batch is empty: it adds zero gradients
+                    loss = sum((param * 0).sum() for param in params)
+                    terms = {"otm": 0.0, "btm": 0.0, "cbs": 0.0}
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1}: lower --learning_rate; the last "
-                                             f"checkpoint in {args.output_dir} is intact")
+                    raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1}: lower --learning_rate; "
+                                             f"the last checkpoint in {args.output_dir} is intact")
                 optimizer.zero_grad()
                 accelerator.backward(loss)
                 for param in params:
@@ -226,14 +270,14 @@ def training_function(args) -> dict:
                                              f"--learning_rate; the last checkpoint in {args.output_dir} is intact")
                 scheduler.step()
                 step += 1
-                logs = {"loss": accelerator.reduce(loss.detach(), "sum").item(), "otm": out.otm.item(),
-                        "btm": out.btm.item(), "cbs": out.cbs.item(), "lr": scheduler.get_last_lr()[0]}
+                logs = {"loss": accelerator.reduce(loss.detach(), "sum").item(), **terms,
+                        "lr": scheduler.get_last_lr()[0]}
                 history.append(logs)
                 accelerator.log(logs, step=step)
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss']:.3f}")
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args.output_dir, step)
+                    save_checkpoint(accelerator, args.output_dir, step, owned)
                 if args.eval_every and step % args.eval_every == 0 and accelerator.is_main_process:
                     accelerator.log({"cam_miou": evaluate(args, model, processor)}, step=step)
             skip = 0
@@ -245,6 +289,12 @@ def training_function(args) -> dict:
         result["cam_miou"] = evaluate(args, model, processor) if args.eval_split else None
         save_outputs(args, model, selection, result)
     accelerator.end_training()
+    if accelerator.is_main_process:
+        final = history[-1] if history else {}
+        logger.info("done: %d steps, final loss %s, CAM mIoU %s; prompts in %s", step,
+                    f"{final['loss']:.4f}" if final else "-",
+                    f"{100 * result['cam_miou']:.2f}" if result.get("cam_miou") is not None else "not evaluated",
+                    args.output_dir)
     return result
 
 
@@ -253,14 +303,11 @@ def evaluate(args, model, processor) -> float | None:
         return None
     from pole_hf.evaluation import evaluate_cams
 
-    data = load_dataset_spec(args.dataset, split=args.eval_split, num_images=args.eval_images, seed=0,
-                             image_size=args.image_size, class_names=model.config.class_names)
-    return evaluate_cams(model, data, processor=processor, progress=False)["miou"]
+    return evaluate_cams(model, args.eval_set, processor=processor, progress=False)["miou"]
 
 
 def save_outputs(args, model, selection, result) -> None:
     from pole_hf.hub import PoleEvalResult, render_model_card
-    from pole_hf.vocab import POLE_LOSS_WEIGHTS
 
     model.save_pretrained(args.output_dir)
     if selection is not None:
@@ -269,15 +316,16 @@ def save_outputs(args, model, selection, result) -> None:
         if result.get("cam_miou") is not None else []
     training = {"seed": args.seed, "steps": result["steps"], "global batch": args.train_batch_size,
                 "learning rate": args.learning_rate, "loss weights (otm/btm/cbs)": "/".join(
-                    str(POLE_LOSS_WEIGHTS[k]) for k in ("otm", "btm", "cbs"))}
+                    f"{float(w):g}" for w in args.loss_weights.split(","))}
     card = render_model_card(model, datasets=[args.dataset.split(":")[0]], eval_results=evals, training=training)
     card.save(os.path.join(args.output_dir, "README.md"))
 
 
 def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return training_function(parse_args(argv))
-    except FloatingPointError as err:
+    except (FloatingPointError, ValueError, OSError, ImportError) as err:
         print(f"train_pole.py: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -68,3 +68,61 @@ def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "pole_hf", "--help"], capture_output=True, text=True,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+def noise_image(path, height=40, width=48, seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+
+
+def test_cam_same_stem_inputs_keep_distinct_outputs(world_prompts, tmp_path, capsys):
+    for folder, name, seed in (("a", "x.png", 0), ("b", "x.png", 1), ("b", "x.jpg", 2)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        noise_image(tmp_path / folder / name, height=32 + 8 * seed, seed=seed)
+    images = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), str(tmp_path / "b" / "x.jpg")]
+    assert main(["cam", *images, "--model", world_prompts, "--labels", "zebra", "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    heights = [np.load(tmp_path / "o" / f"{stem}_cams.npy").shape[1] for stem in ("x", "x-2", "x-3")]
+    assert heights == [32, 40, 48]
+    assert "b/x.jpg -> x-3_*" in capsys.readouterr().out
+
+
+def test_cam_folder_with_per_image_labels(world_prompts, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    noise_image(folder / "p.png")
+    noise_image(folder / "q.png", seed=1)
+    (folder / "notes.txt").write_text("not an image")
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"file_name": "p.png", "labels": ["zebra"]}\n'
+                      '{"file_name": "q.png", "labels": ["dots", "fence"]}\n')
+    assert main(["cam", str(folder), "--model", world_prompts, "--labels_file", str(labels), "--device", "cpu",
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert [np.load(tmp_path / "o" / f"{n}_cams.npy").shape[0] for n in "pq"] == [1, 2]
+    labels.write_text('{"file_name": "p.png", "labels": ["zebra"]}\n')
+    assert main(["cam", str(folder), "--model", world_prompts, "--labels_file", str(labels), "--out",
+                 str(tmp_path / "o2"), "--quiet"]) == 1
+    assert "has no labels for 'q.png'" in capsys.readouterr().err
+
+
+def test_any_exception_is_one_line_and_debug_shows_the_trace(monkeypatch, capsys):
+    import pytest
+
+    import pole_hf.cli as cli
+
+    def boom(args):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(cli, "cmd_demo", boom)
+    assert main(["demo", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("pole-hf demo: error: IndexError: list index out of range")
+    with pytest.raises(IndexError):
+        main(["demo", "--debug"])
+
+
+def test_version_and_counts_refused(capsys):
+    from pole_hf import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"pole-hf {__version__}"
+    assert main(["eval", "--num_images", "0"]) == 2
+    assert "0 must be at least 1" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from launch import run_script
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,14 +19,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
 def launch(args, processes=1, wait=True):
-    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 \
-        else [sys.executable]
-    command = [*prefix, SCRIPT, "--cpu", *args]
     if not wait:
-        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+        return run_script(SCRIPT, args, processes=processes, wait=False)
+    run_script(SCRIPT, args, processes=processes)
     return json.loads(open(os.path.join(args[args.index("--output_dir") + 1], "summary.json")).read())
 
 
@@ -99,3 +95,42 @@ def test_sigkill_then_resume_matches_a_straight_run(world_prompts, tmp_path):
         np.testing.assert_array_equal(cams_k[name], cams[name])
     for name in masks:
         np.testing.assert_array_equal(masks_k[name], masks[name])
+
+
+def imagefolder(folder, rows):
+    """An image folder whose metadata.jsonl has one row per (file, image_id)."""
+    from pole_hf.data import SyntheticWorld
+
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    names = SyntheticWorld().class_names
+    with open(folder / "metadata.jsonl", "w") as f:
+        for index, (file_name, image_id) in enumerate(rows):
+            Image.fromarray(rng.integers(0, 255, (24 + 8 * index, 32, 3), dtype=np.uint8)).save(folder / file_name)
+            f.write(json.dumps({"file_name": file_name, "image_id": image_id, "labels": [names[0]]}) + "\n")
+
+
+def test_hostile_and_repeated_ids_stay_inside_and_distinct(world_prompts, tmp_path):
+    victim = tmp_path / "victim"
+    imagefolder(tmp_path / "data", [("a.png", "../../victim/important"), ("b.png", "/abs/id"), ("c.png", "dup"),
+                                    ("d.png", "dup")])
+    out = tmp_path / "deep" / "out"
+    summary = launch(["--model", world_prompts, "--dataset", f"imagefolder:{tmp_path / 'data'}",
+                      "--output_dir", str(out)])
+    assert summary["computed"] == 4 and summary["resumed"] == 0
+    assert not victim.exists() and not (tmp_path / "deep" / "victim").exists()
+    assert sorted(os.listdir(out / "masks")) == ["abs__id.png", "dup-2.png", "dup.png", "victim__important.png"]
+    heights = {np.load(out / "cams" / f"{stem}.npy").shape[1] for stem in ("dup", "dup-2")}
+    assert heights == {40, 48}  # two different images, both written
+
+
+def test_rerun_with_other_settings_is_refused_or_recomputed(world_prompts, tmp_path):
+    args = ["--model", world_prompts, "--dataset", "synthetic", "--num_images", "3", "--output_dir", str(tmp_path)]
+    launch(args)
+    command = [sys.executable, SCRIPT, "--cpu", *args, "--refine"]
+    refused = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1
+    assert "other settings (refine: False -> True): pass --overwrite" in refused.stderr.strip().splitlines()[-1]
+    summary = launch([*args, "--refine", "--overwrite"])
+    assert (summary["computed"], summary["resumed"]) == (3, 0)
+    assert launch([*args, "--refine"])["resumed"] == 3

@@ -96,7 +96,7 @@ def test_one_and_two_processes_agree_with_an_uneven_last_batch(tmp_path):
             "--adam_epsilon", "1e-4"]
     run([*args, "--output_dir", str(tmp_path / "one")])
     two = run([*args, "--output_dir", str(tmp_path / "two")], processes=2)
-    assert "2 process(es), distributed type DistributedType.MULTI_CPU" in two.stderr
+    assert "train_segmentation: 2 process(es), distributed type MULTI_CPU" in two.stderr
     one, other = weights(tmp_path / "one"), weights(tmp_path / "two")
     start = weights_at_start(tmp_path)
     assert max((one[k].float() - start[k].float()).abs().max().item() for k in one) > 1e-2  # training moved them

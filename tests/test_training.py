@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from launch import run_script
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,15 +40,7 @@ def import_script():
 
 
 def run(args, processes=1, env=None, wait=True):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command = (launch if processes > 1 else [sys.executable]) + [SCRIPT, "--cpu", *args]
-    environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
-    if not wait:
-        return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_script(SCRIPT, args, processes=processes, wait=wait, env=env)
 
 
 def tokens(folder):
@@ -93,6 +86,78 @@ def test_killed_run_resumes_to_the_same_tokens(world_base, tmp_path):
     torch.testing.assert_close(tokens(killed), tokens(tmp_path / "straight"), atol=1e-6, rtol=0)
 
 
+def test_uneven_last_batch_two_processes_agree_with_one(world_base, tmp_path):
+    # 5 images in global batches of 4: the second batch has one image, which only rank 0 gets
+    args = ["--dataset", "synthetic", "--num_images", "5", "--train_batch_size", "4", "--learning_rate", "0.01",
+            "--base", world_base, "--max_train_steps", "2"]
+    run([*args, "--output_dir", str(tmp_path / "one")])
+    run([*args, "--output_dir", str(tmp_path / "two")], processes=2)
+    torch.testing.assert_close(tokens(tmp_path / "one"), tokens(tmp_path / "two"), atol=1e-6, rtol=1e-5)
+
+
+class Payload:
+    """Unpickling this writes a marker file: proof that a pickle in a checkpoint was (or was not) loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def resume_fails(args, checkpoint):
+    command = [sys.executable, SCRIPT, "--cpu", *args, "--resume_from_checkpoint", str(checkpoint)]
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    return failed.stderr.strip().splitlines()[-1]
+
+
+def test_resume_never_unpickles_a_planted_payload(world_base, tmp_path):
+    args = [*COMMON, "--base", world_base, "--output_dir", str(tmp_path), "--max_train_steps", "3",
+            "--checkpointing_steps", "2"]
+    run(args)
+    checkpoint = tmp_path / "checkpoint_2"
+    marker = tmp_path / "payload-ran"
+    # accelerate would load a custom_checkpoint_0.pkl with weights_only=False: refused before loading
+    torch.save(Payload(str(marker)), checkpoint / "custom_checkpoint_0.pkl")
+    assert "custom_checkpoint_0.pkl, pickled state that pole_hf never loads" in resume_fails(args, checkpoint)
+    os.remove(checkpoint / "custom_checkpoint_0.pkl")
+    # the optimizer state is read with weights_only=True: a payload there is refused, not run
+    os.replace(checkpoint / "optimizer.bin", tmp_path / "optimizer.bin")
+    torch.save({"state": Payload(str(marker))}, checkpoint / "optimizer.bin")
+    assert "could not be loaded" in resume_fails(args, checkpoint)
+    assert not marker.exists()
+    os.replace(tmp_path / "optimizer.bin", checkpoint / "optimizer.bin")
+    os.remove(checkpoint / "prompt_learner.safetensors")
+    assert "has no prompt_learner.safetensors" in resume_fails(args, checkpoint)
+
+
+def test_checkpoint_over_an_existing_one_and_bad_step_counts(world_base, tmp_path):
+    args = [*COMMON, "--base", world_base, "--output_dir", str(tmp_path), "--max_train_steps", "2",
+            "--checkpointing_steps", "2"]
+    run(args)
+    first = load_file(tmp_path / "checkpoint_2" / "prompt_learner.safetensors")["class_tokens"]
+    run([*args[:-4], "--learning_rate", "0.05", "--max_train_steps", "2", "--checkpointing_steps", "2"])
+    second = load_file(tmp_path / "checkpoint_2" / "prompt_learner.safetensors")["class_tokens"]
+    assert not torch.equal(first, second)  # replaced, not "Directory not empty"
+    assert not any(name.endswith((".partial", ".old")) for name in os.listdir(tmp_path))
+    for flag in ("--max_train_steps", "--train_batch_size"):
+        bad = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(tmp_path / "x"), flag, "0"],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and f"{flag} 0 must be at least 1" in bad.stderr
+
+
+def test_missing_tracker_package_and_eval_split_fail_before_training(world_base, tmp_path):
+    bad = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(tmp_path), "--report_to", "tensorboard"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "pip install tensorboard" in bad.stderr
+    bad = subprocess.run([sys.executable, SCRIPT, "--cpu", *COMMON, "--base", world_base, "--output_dir",
+                          str(tmp_path), "--eval_split", "nosuch"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "nosuch" in bad.stderr.strip().splitlines()[-1]
+    assert "POLE:" not in bad.stderr  # no training step ran
+
+
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(world_base, tmp_path):
     # linear warm-up from 0: step 1 moves nothing (a good checkpoint), step 2's huge rate overflows the tokens
     args = [*COMMON[:-2], "--base", world_base, "--output_dir", str(tmp_path), "--max_train_steps", "6",
@@ -108,7 +173,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(world_base, tmp_
     assert failed >= 2 and not (tmp_path / f"checkpoint_{failed}").exists()
     assert not (tmp_path / "model.safetensors").exists()
     for step in range(1, failed):  # every checkpoint written before the failure is complete and finite
-        state = torch.load(tmp_path / f"checkpoint_{step}" / "custom_checkpoint_0.pkl", weights_only=True)
+        state = load_file(tmp_path / f"checkpoint_{step}" / "prompt_learner.safetensors")
         assert torch.isfinite(state["class_tokens"]).all()
 
 

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+from .data.spec import SPEC_HELP
+
 
 class CliError(Exception):
     """An error to print as one line and exit with code 1."""
@@ -23,6 +25,40 @@ def _model(path: str | None):
     return PolePromptModel.from_pretrained(path or TINY_PROMPTS)
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def expand_images(sources: list[str]) -> list[str]:
+    """Image paths from files, URLs and folders (a folder gives its image files, sorted, not recursing)."""
+    images = []
+    for source in sources:
+        if os.path.isdir(source):
+            found = sorted(os.path.join(source, n) for n in os.listdir(source) if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise CliError(f"folder {source!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            images.extend(found)
+        else:
+            images.append(source)
+    return images
+
+
+def read_labels_file(path: str) -> dict[str, list[str]]:
+    """Per-image labels: a JSON object {file name: [labels]} or a metadata.jsonl with `file_name` and `labels`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                rows = [json.loads(line) for line in f if line.strip()]
+                table = {row["file_name"]: row["labels"] for row in rows}
+            else:
+                table = json.load(f)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CliError(f"--labels_file {path}: not a JSON {{file: [labels]}} or a metadata.jsonl with file_name and "
+                       f"labels ({type(err).__name__}: {err})") from None
+    if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
+        raise CliError(f"--labels_file {path}: expected {{file name: [labels]}}")
+    return {os.path.basename(k): v for k, v in table.items()}
+
+
 def cmd_cam(args) -> None:
     import numpy as np
     from tqdm.auto import tqdm
@@ -30,16 +66,27 @@ def cmd_cam(args) -> None:
 
     from .atomic import atomic_save_npy, atomic_save_png
     from .bundled import TINY_PROMPTS
+    from .naming import confined_path, output_stems
 
-    pipe = pipeline("pole-cam", model=args.model or TINY_PROMPTS)
+    images = expand_images(args.images)
+    per_image = read_labels_file(args.labels_file) if args.labels_file else None
+    if per_image is not None and args.labels is not None:
+        raise CliError("give either --labels (the same for every image) or --labels_file, not both")
+    pipe = pipeline("pole-cam", model=args.model or TINY_PROMPTS, device=args.device)
     os.makedirs(args.out, exist_ok=True)
-    for image in tqdm(args.images, desc="CAMs", disable=args.quiet):
-        out = pipe(image, labels=args.labels, refine=args.refine, return_overlay=True)
-        stem = os.path.splitext(os.path.basename(image))[0]
-        atomic_save_npy(os.path.join(args.out, f"{stem}_cams.npy"), out["cams"].astype(np.float16))
+    stems = output_stems(os.path.splitext(os.path.basename(image))[0] for image in images)
+    for image, stem in zip(tqdm(images, desc="CAMs", disable=args.quiet), stems):
+        labels = args.labels
+        if per_image is not None:
+            labels = per_image.get(os.path.basename(image))
+            if labels is None:
+                raise CliError(f"--labels_file {args.labels_file} has no labels for {os.path.basename(image)!r}")
+        out = pipe(image, labels=labels, refine=args.refine, crf=args.crf, return_overlay=True)
+        atomic_save_npy(confined_path(args.out, f"{stem}_cams.npy"), out["cams"].astype(np.float16))
         for key in ("mask", "overlay"):
-            atomic_save_png(os.path.join(args.out, f"{stem}_{key}.png"), out[key])
-        print(f"{image}: {', '.join(f'{n} {s:.3f}' for n, s in zip(out['labels'], out['scores']))}")
+            atomic_save_png(confined_path(args.out, f"{stem}_{key}.png"), out[key])
+        scores = ", ".join(f"{n} {s:.3f}" for n, s in zip(out["labels"], out["scores"]))
+        print(f"{image} -> {stem}_*: {scores}")
 
 
 def cmd_eval(args) -> None:
@@ -53,8 +100,9 @@ def cmd_eval(args) -> None:
     print(result["table"])
     print(f"CAM mIoU {100 * result['miou']:.2f} (best background power {result['bg_power']})")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "table"}, f, indent=2)
+        from .atomic import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
 
 
 def cmd_select(args) -> None:
@@ -130,58 +178,100 @@ def cmd_run(args) -> None:
         raise CliError(str(err)) from None
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes, before or after its name (`pole-hf --quiet cam …`, `pole-hf cam --quiet`)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error instead of one line")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pole-hf", description="POLE prompts and CLIP-ES CAMs on Hugging Face")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from . import __version__
+
+    common = _common_options()
+    parser = argparse.ArgumentParser(prog="pole-hf", description="POLE prompts and CLIP-ES CAMs on Hugging Face",
+                                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"pole-hf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="offline demo on the bundled tiny CLIP and the synthetic world")
-    demo.add_argument("--out", default="pole-demo")
-    demo.add_argument("--num_images", type=int, default=100)
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, parents=[common])
+
+    demo = command("demo", "offline demo on the bundled tiny CLIP and the synthetic world")
+    demo.add_argument("--out", default="pole-demo", help="output folder (overlays, chart, table)")
+    demo.add_argument("--num_images", type=positive_int, default=100, help="held-out synthetic images to score")
     demo.add_argument("--base", default=None, help="another base CLIP (its classes must fit the synthetic world)")
     demo.add_argument("--full", action="store_true", help="also train a segmentation model on each variant's "
                       "pseudo masks (the last column; ~10 minutes per variant on 2 CPU cores)")
 
-    cam = sub.add_parser("cam", help="CAMs, pseudo masks and overlays for images")
-    cam.add_argument("images", nargs="+")
-    cam.add_argument("--model", default=None, help="prompts folder or Hub repo (default: bundled)")
-    cam.add_argument("--labels", nargs="*", default=None)
-    cam.add_argument("--refine", action="store_true")
-    cam.add_argument("--out", required=True)
+    cam = command("cam", "CAMs, pseudo masks and overlays for images")
+    cam.add_argument("images", nargs="+", help="image files, folders of images, or http(s) URLs")
+    cam.add_argument("--model", default=None, help="prompts folder or Hub repo (default: the bundled prompts)")
+    cam.add_argument("--labels", nargs="*", default=None,
+                     help="class names for every image (default: the classes CLIP predicts)")
+    cam.add_argument("--labels_file", default=None,
+                     help="per-image labels: JSON {file name: [labels]} or a metadata.jsonl (file_name, labels)")
+    cam.add_argument("--refine", action="store_true", help="CLIP-ES's class-aware attention affinity (CAA)")
+    cam.add_argument("--crf", action="store_true", help="dense-CRF pseudo masks (needs the crf extra)")
+    cam.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    cam.add_argument("--out", required=True, help="output folder: NAME_cams.npy, NAME_mask.png, NAME_overlay.png")
 
     for name, text in (("select", "POLE class-word selection over a dataset"), ("eval", "CAM mIoU over a dataset")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--model", default=None)
-        p.add_argument("--dataset", default="synthetic")
-        p.add_argument("--split", default="train")
-        p.add_argument("--num_images", type=int, default=None)
-        p.add_argument("--seed", type=int, default=0)
+        p = command(name, text)
+        p.add_argument("--model", default=None, help="prompts folder or Hub repo (default: the bundled prompts)")
+        p.add_argument("--dataset", default="synthetic", help=SPEC_HELP)
+        p.add_argument("--split", default="train", help="dataset split")
+        p.add_argument("--num_images", type=positive_int, default=None, help="first N images only")
+        p.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
         if name == "select":
             p.add_argument("--candidates", default=None, help="JSON file {class: [words]}")
-            p.add_argument("--out", required=True)
+            p.add_argument("--out", required=True, help="output folder: selected prompts and selection.json")
         else:
-            p.add_argument("--refine", action="store_true")
+            p.add_argument("--refine", action="store_true", help="CLIP-ES's class-aware attention affinity (CAA)")
             p.add_argument("--out", default=None, help="write the result as JSON")
 
-    train = sub.add_parser("train", help="run examples/train_pole.py (arguments after -- go to the script)")
-    train.add_argument("--launch_args", default="", help="e.g. '--cpu --num_processes 2' for accelerate launch")
+    train = command("train", "run examples/train_pole.py (arguments after -- go to the script)")
+    train.add_argument("--launch_args", default="",
+                       help="accelerate launch options, e.g. '--multi_gpu --num_processes 2' (add --cpu after --)")
 
     from .run import add_run_arguments
 
-    add_run_arguments(sub.add_parser("run", help="labels to a segmentation model: select words, learn prompts, "
-                                     "pseudo masks, segmentation training, val mIoU (resumable)"))
+    add_run_arguments(command("run", "labels to a segmentation model: select words, learn prompts, pseudo masks, "
+                              "segmentation training, val mIoU (resumable)"))
 
-    push = sub.add_parser("push", help="push a prompts folder to the Hub")
-    push.add_argument("folder")
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--revision", default=None)
+    push = command("push", "push a prompts folder to the Hub")
+    push.add_argument("folder", help="a saved prompts folder")
+    push.add_argument("repo_id", help="Hub repo id, e.g. me/voc-prompts")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--revision", default=None, help="branch to push to")
 
-    pull = sub.add_parser("pull", help="download a prompts repo and its base CLIP into the cache")
-    pull.add_argument("repo_id")
-    pull.add_argument("--revision", default=None)
-    pull.add_argument("--local_dir", default=None)
+    pull = command("pull", "download a prompts repo and its base CLIP into the cache")
+    pull.add_argument("repo_id", help="Hub repo id")
+    pull.add_argument("--revision", default=None, help="branch, tag or commit")
+    pull.add_argument("--local_dir", default=None, help="also place the files in this folder")
     return parser
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an exception: its message's first line, or its type and repr when the message is empty/odd."""
+    text = str(err).strip()
+    if isinstance(err, KeyError) or not text:
+        return f"{type(err).__name__}: {text or 'no message'}"
+    first = text.splitlines()[0]
+    return first if isinstance(err, (CliError, ValueError, OSError, ImportError)) else f"{type(err).__name__}: {first}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    args.quiet, args.debug = getattr(args, "quiet", False), getattr(args, "debug", False)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the CLI prints its own progress; keep library chatter out of stderr
@@ -206,9 +297,13 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(args, extra)
         else:
             handlers[args.command](args)
-    except (CliError, ValueError, OSError, ImportError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"pole-hf {args.command}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"pole-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every error is one line (exit 1); --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"pole-hf {args.command}: error: {error_line(err)} (--debug shows the traceback)", file=sys.stderr)
         return 1
     return 0
 

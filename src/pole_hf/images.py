@@ -40,9 +40,15 @@ def _scale_to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round((data - low) / (high - low) * 255).astype(np.uint8)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL image to 8-bit RGB following the module's documented conversions."""
-    image = ImageOps.exif_transpose(image)
+def to_rgb(image: Image.Image, exif: bool = True) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB following the module's documented conversions.
+
+    Args:
+        image: any PIL image.
+        exif: apply the EXIF orientation (False keeps the stored pixel grid, which dataset masks are drawn on).
+    """
+    if exif:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -70,14 +76,17 @@ def array_to_image(array: np.ndarray) -> Image.Image:
     return to_rgb(Image.fromarray(data, mode=mode))
 
 
-def load_image(source, timeout: float = 10.0) -> Image.Image:
+def load_image(source, timeout: float = 10.0, exif: bool = True) -> Image.Image:
     """Load an image from a path, an http(s) URL, a PIL image or a numpy array, as 8-bit RGB.
+
+    `exif=False` keeps the stored pixel grid instead of applying the EXIF orientation (datasets do this, so that
+    images stay aligned with their masks, as VOC and COCO tools read them).
 
     Raises:
         ImageInputError: missing, corrupt, truncated or oversized files, and URLs while offline, with the name.
     """
     if isinstance(source, Image.Image):
-        return to_rgb(source)
+        return to_rgb(source, exif)
     if isinstance(source, np.ndarray):
         return array_to_image(source)
     if isinstance(source, torch.Tensor):
@@ -95,10 +104,10 @@ def load_image(source, timeout: float = 10.0) -> Image.Image:
         raise ImageInputError(f"{source!r} is a folder, not an image file")
     if os.path.getsize(source) == 0:
         raise ImageInputError(f"image file {source!r} is empty (0 bytes)")
-    return _open_file(source, source)
+    return _open_file(source, source, exif)
 
 
-def _open_file(fp, name: str) -> Image.Image:
+def _open_file(fp, name: str, exif: bool = True) -> Image.Image:
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
@@ -110,7 +119,7 @@ def _open_file(fp, name: str) -> Image.Image:
                     raise ImageInputError(f"image {name!r} is {width}x{height}, over the {MAX_IMAGE_PIXELS} pixel "
                                           "limit (decompression-bomb guard): downscale it first")
                 image.load()
-                return to_rgb(image)
+                return to_rgb(image, exif)
     except ImageInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

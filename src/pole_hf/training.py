@@ -1,33 +1,112 @@
-"""Pieces every accelerate training script of the package shares: atomic checkpoints and finding the latest one."""
+"""Pieces every accelerate training script of the package shares: atomic, pickle-free checkpoints, resuming, the
+run's first log line, and splitting a global batch across processes.
+
+A checkpoint is `accelerator.save_state` (optimizer, scheduler, sampler and RNG states, loaded back by accelerate with
+`torch.load(weights_only=True)`, which runs no code) plus one `{name}.safetensors` per module the script owns that
+is not wrapped by `accelerator.prepare` (e.g. the prompt learner). `accelerator.register_for_checkpointing` is not
+used: accelerate loads those objects with `weights_only=False`, so a crafted `custom_checkpoint_0.pkl` would run
+code on resume; `load_checkpoint` refuses a checkpoint that only has such files.
+"""
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import pickle
+import shutil
+from collections.abc import Mapping, Sequence
 
-__all__ = ["checkpoint_step", "latest_checkpoint", "prune_checkpoints", "save_checkpoint"]
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "check_trackers",
+    "checkpoint_step",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "log_run_start",
+    "process_share",
+    "prune_checkpoints",
+    "save_checkpoint",
+]
 
 CHECKPOINT_PREFIX = "checkpoint_"
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int) -> str:
-    """`save_state` into a temporary folder, renamed when complete: a kill never leaves a partial checkpoint.
+def _module_file(folder: str, name: str) -> str:
+    return os.path.join(folder, f"{name}.safetensors")
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, modules: Mapping[str, torch.nn.Module] | None = None
+                    ) -> str:
+    """`save_state` into `checkpoint_{step}.partial`, add the modules' safetensors, then rename it into place.
+
+    A kill never leaves a partial `checkpoint_{step}`; an existing `checkpoint_{step}` (a rerun) is replaced.
 
     Args:
         accelerator: the run's `Accelerator` (every process calls this).
         output_dir: the run's output folder.
         step: the optimizer step the state belongs to; the folder is `checkpoint_{step}`.
+        modules: modules outside `accelerator.prepare` to store as `{name}.safetensors` (tensors only).
 
     Returns:
         The checkpoint folder.
     """
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     partial = final + ".partial"
+    if accelerator.is_main_process and os.path.isdir(partial):
+        shutil.rmtree(partial)  # left by a killed run
+    accelerator.wait_for_everyone()
     accelerator.save_state(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        os.replace(partial, final)
+        for name, module in (modules or {}).items():
+            state = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+            save_file(state, _module_file(partial, name))
+        if os.path.isdir(final):
+            stale = final + ".old"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(partial, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, path: str, modules: Mapping[str, torch.nn.Module] | None = None) -> int:
+    """Restore a checkpoint written by `save_checkpoint` and return its step; nothing in it is unpickled.
+
+    Raises:
+        ValueError: the folder is not a `checkpoint_{step}` folder, lacks a module's safetensors file (e.g. a
+            checkpoint of an older version that pickled the prompt learner), or a file does not fit its module.
+    """
+    step = checkpoint_step(path)
+    pickles = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "custom_checkpoint_*.pkl")))
+    if pickles:
+        raise ValueError(f"checkpoint {path} holds {', '.join(pickles)}, pickled state that pole_hf never loads "
+                         "(unpickling can run code): resume from a checkpoint written by this version")
+    for name in modules or {}:
+        if not os.path.isfile(_module_file(path, name)):
+            raise ValueError(f"checkpoint {path} has no {name}.safetensors: resume from a checkpoint written with the "
+                             "same settings by this version, or start without --resume_from_checkpoint")
+    try:
+        accelerator.load_state(path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"checkpoint {path} could not be loaded ({first}); only plain tensors and numbers are "
+                         "read (torch.load weights_only=True): resume from an intact checkpoint") from None
+    for name, module in (modules or {}).items():
+        state = load_file(_module_file(path, name), device="cpu")
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(f"{_module_file(path, name)} does not fit the model being trained ({first}): resume "
+                             "with the same settings the checkpoint was written with") from None
+    return step
 
 
 def checkpoint_step(path: str) -> int:
@@ -43,7 +122,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
     """The `checkpoint_{step}` folder with the highest step in `output_dir`, or None."""
     if not os.path.isdir(output_dir):
         return None
-    found = [d for d in os.listdir(output_dir) if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
+    found = [d for d in os.listdir(output_dir)
+             if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
     return os.path.join(output_dir, max(found, key=checkpoint_step)) if found else None
 
 
@@ -53,8 +133,6 @@ def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
     Returns:
         The deleted folders.
     """
-    import shutil
-
     if keep <= 0 or not os.path.isdir(output_dir):
         return []
     found = sorted((d for d in os.listdir(output_dir) if d.startswith(CHECKPOINT_PREFIX)
@@ -63,3 +141,59 @@ def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
     for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
     return removed
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+                    "swanlab": ("swanlab",), "trackio": ("trackio",)}
+
+
+def check_trackers(report_to) -> None:
+    """Refuse, before any work, a `--report_to` tracker whose package is not installed (one line naming it).
+
+    Args:
+        report_to: None, a tracker name, a comma-separated list, "all", or tracker objects (not checked).
+    """
+    import importlib.util
+
+    if not isinstance(report_to, str) or report_to in ("", "all", "none"):
+        return
+    for name in (part.strip() for part in report_to.split(",") if part.strip()):
+        packages = TRACKER_PACKAGES.get(name)
+        if packages is None:
+            raise ImportError(f"--report_to {name!r} is not a tracker accelerate knows: use one of "
+                              f"{sorted(TRACKER_PACKAGES)}")
+        if not any(importlib.util.find_spec(package) for package in packages):
+            raise ImportError(f"--report_to {name} needs the {packages[0]} package, which is not installed: "
+                              f"pip install {packages[0]}")
+
+
+def log_run_start(logger: logging.Logger, accelerator, script: str) -> str:
+    """Log (and return) the run's first line: the script, the number of processes, the distributed type, device."""
+    line = (f"{script}: {accelerator.num_processes} process(es), distributed type "
+            f"{accelerator.distributed_type.value}, device {accelerator.device}, "
+            f"mixed precision {accelerator.mixed_precision}")
+    if accelerator.is_main_process:
+        logger.info(line)
+    return line
+
+
+def process_share(batch_size: int, accelerator) -> slice:
+    """This process's part of a global batch of `batch_size` items, split by position (ranks first to last).
+
+    Every process reads the whole global batch and keeps its slice, so an uneven last batch is split without the
+    duplicated samples accelerate pads with; a process may get no item (its loss is then 0, and it still takes part
+    in every collective call).
+    """
+    return _share(batch_size, accelerator.process_index, accelerator.num_processes)
+
+
+def _share(size: int, rank: int, world: int) -> slice:
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def split_sizes(size: int, world: int) -> Sequence[int]:
+    """Item counts of each process for a global batch of `size` (the slices of `process_share`)."""
+    return [(_share(size, rank, world).stop - _share(size, rank, world).start) for rank in range(world)]

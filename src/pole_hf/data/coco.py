@@ -5,13 +5,17 @@ Category ids (sparse in COCO: 1..90 for 80 classes) are mapped to contiguous cla
 single class mask (pixel value = class index + 1, 0 = background): polygons with ``PIL.ImageDraw`` (no anti-aliasing),
 uncompressed and compressed RLE (crowd regions) decoded here without ``pycocotools``. Larger annotations are drawn
 first so smaller ones stay visible where they overlap; crowd regions are painted with their class like the others.
-Masks are built in memory as PNG bytes; images stay file paths decoded lazily by ``datasets.Image``.
+Masks are built in memory as PNG bytes; images stay file paths decoded lazily by ``datasets.Image``. An annotation
+whose polygons all have fewer than 3 points has no region: it is skipped (label and region), and the skipped ones are
+counted in one warning. An image whose file size disagrees with the JSON, or that cannot be read, does not stop the
+load: the runs that read it skip it by name (``pole_hf.data.spec.ExampleReader``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +23,14 @@ from typing import Any
 import datasets
 import numpy as np
 from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+
+def _degenerate_polygons(annotation: dict) -> bool:
+    """True for a polygon annotation none of whose polygons has 3 points (it would paint nothing)."""
+    segmentation = annotation.get("segmentation")
+    return isinstance(segmentation, list) and not any(len(polygon) >= 6 for polygon in segmentation)
 
 
 def _rle_counts_from_string(counts: str) -> list[int]:
@@ -123,7 +135,13 @@ def load_coco(
     category_to_class = {c["id"]: class_index[c["name"]] for c in categories if c["name"] in class_index}
 
     by_image: dict[Any, list[dict]] = {image["id"]: [] for image in coco["images"]}
+    degenerate = [a.get("id") for a in coco["annotations"] if _degenerate_polygons(a)]
+    if degenerate:
+        logger.warning("%s: skipped %d annotation(s) whose polygons have fewer than 3 points (no region): ids %s",
+                       annotation_file, len(degenerate), degenerate[:10])
     for annotation in coco["annotations"]:
+        if _degenerate_polygons(annotation):
+            continue
         category = annotation["category_id"]
         if category not in category_to_class:
             name = next((c["name"] for c in categories if c["id"] == category), None)
@@ -147,10 +165,6 @@ def load_coco(
         columns["image_id"].append(entry["id"])
         if with_masks:
             height, width = int(entry["height"]), int(entry["width"])
-            with Image.open(path) as image:
-                if image.size != (width, height):
-                    raise ValueError(f"Image {path} is {image.size[0]}x{image.size[1]} but {annotation_file} says "
-                                     f"{width}x{height}: the mask would not match; fix the JSON or the image.")
             columns["mask"].append(_png(_rasterise(annotations, category_to_class, height, width, annotation_file)))
 
     id_type = "int64" if all(isinstance(i, int) for i in columns["image_id"]) else "string"

@@ -14,6 +14,8 @@ from PIL import Image
 from ..images import ImageInputError, load_image
 
 SPEC_HELP = "synthetic | voc:/path/VOC2012 | coco:/path/instances.json,/path/images | imagefolder:/path/or/repo"
+SYNTHETIC_SPLITS = ("train", "val", "validation", "test")
+"""Split names a `synthetic` spec accepts (each its own random stream; a typo would silently be another stream)."""
 
 
 def load_dataset_spec(spec: str, split: str = "train", num_images: int | None = None, seed: int = 0,
@@ -25,6 +27,8 @@ def load_dataset_spec(spec: str, split: str = "train", num_images: int | None = 
 
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
+        if split not in SYNTHETIC_SPLITS:
+            raise ValueError(f"split {split!r} is not a split of the synthetic world: use one of {SYNTHETIC_SPLITS}")
         dataset = load_synthetic(num_images=num_images or 200, seed=seed, image_size=image_size, split=split)
     elif kind == "voc":
         dataset = load_voc(arg, split=split, **named)
@@ -64,17 +68,28 @@ class Example:
 
 
 def _read(value, name: str) -> Image.Image:
+    """A dataset image as RGB in its stored pixel grid (no EXIF rotation: masks are drawn on that grid)."""
     if isinstance(value, Image.Image):
-        return load_image(value)
+        return load_image(value, exif=False)
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             try:
-                return load_image(Image.open(io.BytesIO(value["bytes"])))
+                return load_image(Image.open(io.BytesIO(value["bytes"])), exif=False)
             except (OSError, SyntaxError, ValueError) as err:
                 raise ImageInputError(f"image {name!r} is corrupt or not an image: {err}") from err
         if value.get("path"):
-            return load_image(value["path"])
+            return load_image(value["path"], exif=False)
     raise ImageInputError(f"example {name!r} has no image data")
+
+
+def example_ids(dataset: datasets.Dataset) -> list[str]:
+    """Every example's id as an [`ExampleReader`] names it: the `image_id` column, else the zero-padded index."""
+    column = dataset["image_id"] if "image_id" in dataset.column_names else [None] * len(dataset)
+    return [_example_id(value, index) for index, value in enumerate(column)]
+
+
+def _example_id(value, index: int) -> str:
+    return str(value) if value not in (None, "") else f"{index:06d}"
 
 
 class ExampleReader:
@@ -85,6 +100,9 @@ class ExampleReader:
     """
 
     def __init__(self, dataset: datasets.Dataset):
+        labels = dataset.features.get("labels")
+        names = getattr(getattr(labels, "feature", None), "names", None)
+        self.num_classes = len(names) if names else None
         raw = dataset
         for column in ("image", "mask"):
             if column in raw.features and isinstance(raw.features[column], datasets.Image):
@@ -98,12 +116,13 @@ class ExampleReader:
         item = self.raw[int(index)]
         image_value = item["image"]
         name = item.get("image_id") or (image_value.get("path") if isinstance(image_value, dict) else None)
-        example_id = str(item.get("image_id") or f"{index:06d}")
-        mask = np.asarray(_read_mask(item["mask"])) if item.get("mask") is not None else None
+        example_id = _example_id(item.get("image_id"), int(index))
         try:
             image = _read(image_value, name or example_id)
+            mask = None if item.get("mask") is None else _read_mask(item["mask"], image.size, self.num_classes,
+                                                                     _source_name(item["mask"], example_id))
         except ImageInputError as err:
-            return Example(int(index), example_id, None, list(item["labels"]), mask, str(err))
+            return Example(int(index), example_id, None, list(item["labels"]), None, str(err))
         return Example(int(index), example_id, image, list(item["labels"]), mask)
 
 
@@ -114,10 +133,30 @@ def iter_examples(dataset: datasets.Dataset, indices=None) -> Iterator[Example]:
         yield reader[index]
 
 
-def _read_mask(value) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value
-    source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-    with Image.open(source) as mask:
+def _source_name(value, fallback: str) -> str:
+    return (value.get("path") if isinstance(value, dict) else None) or f"the mask of {fallback}"
+
+
+def _read_mask(value, size: tuple[int, int], num_classes: int | None, name: str) -> np.ndarray:
+    """A mask as class indices, checked against its image: one channel, the image's size, values in
+    0..num_classes or 255. A bad mask raises `ImageInputError` naming it (the example is then skipped)."""
+    try:
+        if isinstance(value, Image.Image):
+            mask = value
+        else:
+            mask = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
         mask.load()
-        return mask if mask.mode in ("L", "P") else mask.convert("L")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageInputError(f"mask {name!r} is corrupt or not an image: {err}") from err
+    if mask.mode not in ("L", "P", "1", "I", "I;16"):
+        raise ImageInputError(f"mask {name!r} is a {mask.mode} image: masks must be single-channel class indices "
+                              "(palette or grayscale PNG)")
+    if mask.size != size:
+        raise ImageInputError(f"mask {name!r} is {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}")
+    array = np.asarray(mask).astype(np.int64)
+    if num_classes is not None:
+        bad = np.setdiff1d(np.unique(array), [*range(num_classes + 1), 255])
+        if bad.size:
+            raise ImageInputError(f"mask {name!r} has values {bad[:5].tolist()} outside 0..{num_classes} and 255 "
+                                  "(class index + 1, 0 background, 255 ignore)")
+    return array.astype(np.uint8)

@@ -4,23 +4,30 @@ Layout read (``root`` is the ``VOC2012`` folder, or the ``VOCdevkit`` folder abo
 
     JPEGImages/<id>.jpg
     Annotations/<id>.xml                       image-level labels: every <object><name>, difficult ones included
+                                               (without the xml, the classes present in the image's mask)
     SegmentationClass/<id>.png                 palette PNG: pixel values are class index + 1, 0 background, 255 ignore
     SegmentationClassAug/<id>.png              with use_aug=True (SBD masks, single channel)
     ImageSets/Segmentation/<split>.txt         one id per line; with use_aug=True, split "train" reads train_aug.txt
 
-Images and masks are stored as file paths and decoded lazily by the ``datasets.Image`` feature.
+Images and masks are stored as file paths and decoded lazily by the ``datasets.Image`` feature. A mask whose size,
+mode or values are wrong does not stop the load: `pole_hf.data.spec.ExampleReader` reports that example as
+skipped (naming the file) when a run reads it, and ``check_sizes`` logs the size mismatches up front.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
 import datasets
+import numpy as np
 from PIL import Image
 
 from ..vocab import VOC_CLASSES
+
+logger = logging.getLogger(__name__)
 
 
 def _require_dir(path: str, what: str) -> str:
@@ -83,6 +90,13 @@ def _read_labels(xml_path: str, class_index: dict[str, int]) -> list[int]:
     return sorted(labels)
 
 
+def _labels_from_mask(mask_path: str, num_classes: int) -> list[int]:
+    """Class indices present in a mask (values 1..num_classes; 0 background and 255 ignore left out)."""
+    with Image.open(mask_path) as mask:
+        values = np.unique(np.asarray(mask if mask.mode in ("L", "P") else mask.convert("L")))
+    return [int(v) - 1 for v in values if 1 <= v <= num_classes]
+
+
 def load_voc(
     root: str | os.PathLike,
     split: str = "train",
@@ -97,7 +111,8 @@ def load_voc(
         split: A split file name in ``ImageSets/Segmentation`` (``"train"``, ``"val"``, ``"trainval"``, ...).
         use_aug: Read masks from ``SegmentationClassAug`` and, for ``split="train"``, ids from ``train_aug.txt``.
         class_names: Foreground class names in label order (mask value = index + 1).
-        check_sizes: Check that every mask has its image's size (reads only the file headers).
+        check_sizes: Log the masks whose size differs from their image's (reads only the file headers); such
+            examples are skipped, and counted, by the runs that read them.
 
     Returns:
         A ``datasets.Dataset`` with ``image``, ``labels`` (``List(ClassLabel)``), ``image_id`` and, when at least one
@@ -105,12 +120,12 @@ def load_voc(
     """
     root = _find_voc_root(root)
     image_dir = _require_dir(os.path.join(root, "JPEGImages"), "VOC image folder")
-    annotation_dir = _require_dir(os.path.join(root, "Annotations"), "VOC annotation folder")
+    annotation_dir = os.path.join(root, "Annotations")
     mask_dir = os.path.join(root, "SegmentationClassAug" if use_aug else "SegmentationClass")
     _require_dir(mask_dir, "VOC augmented mask folder (use_aug=True)" if use_aug else "VOC mask folder")
     class_index = {name: i for i, name in enumerate(class_names)}
 
-    images, masks, labels, ids = [], [], [], []
+    images, masks, labels, ids, mismatched = [], [], [], [], []
     for image_id in _read_ids(_split_file(root, split, use_aug)):
         image_path = os.path.join(image_dir, f"{image_id}.jpg")
         if not os.path.isfile(image_path):
@@ -119,14 +134,27 @@ def load_voc(
         if not os.path.isfile(mask_path):
             mask_path = None
         elif check_sizes:
-            with Image.open(image_path) as image, Image.open(mask_path) as mask:
-                if image.size != mask.size:
-                    raise ValueError(f"Mask {mask_path} is {mask.size[0]}x{mask.size[1]} but image {image_path} is "
-                                     f"{image.size[0]}x{image.size[1]}: the two files must have the same size.")
+            try:
+                with Image.open(image_path) as image, Image.open(mask_path) as mask:
+                    if image.size != mask.size:
+                        mismatched.append(f"{mask_path} ({mask.size[0]}x{mask.size[1]}, image "
+                                          f"{image.size[0]}x{image.size[1]})")
+            except OSError:
+                pass  # unreadable files are reported per example when a run reads them
+        xml_path = os.path.join(annotation_dir, f"{image_id}.xml")
+        if os.path.isfile(xml_path):
+            labels.append(_read_labels(xml_path, class_index))
+        elif mask_path is not None:
+            labels.append(_labels_from_mask(mask_path, len(class_names)))
+        else:
+            raise FileNotFoundError(f"VOC image {image_id} has neither {xml_path} nor a mask in {mask_dir}: its "
+                                    "labels are unknown; restore one of them or drop the id from the split file.")
         images.append(image_path)
         masks.append(mask_path)
-        labels.append(_read_labels(os.path.join(annotation_dir, f"{image_id}.xml"), class_index))
         ids.append(image_id)
+    if mismatched:
+        logger.warning("%d VOC mask(s) differ in size from their images and will be skipped: %s", len(mismatched),
+                       "; ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else ""))
 
     columns = {"image": images, "mask": masks, "labels": labels, "image_id": ids}
     labels_feature = datasets.List(datasets.ClassLabel(names=list(class_names)))

@@ -8,7 +8,6 @@
 from .data import (
     SegmentationTrainSet,
     build_pseudo_mask_dataset,
-    example_ids,
     load_pseudo_masks,
     save_pseudo_mask_dataset,
 )
@@ -20,7 +19,6 @@ __all__ = [
     "build_pseudo_mask_dataset",
     "build_segmentation_model",
     "convert_batch_norms",
-    "example_ids",
     "label_maps",
     "load_pseudo_masks",
     "save_pseudo_mask_dataset",

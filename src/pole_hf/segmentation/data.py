@@ -14,32 +14,27 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.spec import ExampleReader
+from ..data.spec import ExampleReader, example_ids
 
 PSEUDO_MASK_DATASET = "dataset"
 
 
-def example_ids(dataset: datasets.Dataset) -> list[str]:
-    """The id of every row as `ExampleReader` names it (`image_id`, else the zero-padded row index)."""
-    if "image_id" not in dataset.column_names:
-        return [f"{index:06d}" for index in range(len(dataset))]
-    return [str(value or f"{index:06d}") for index, value in enumerate(dataset["image_id"])]
-
-
-def build_pseudo_mask_dataset(dataset: datasets.Dataset, mask_dir: str, ids: list[str]) -> datasets.Dataset:
-    """The source `dataset` with its `mask` column replaced by the pseudo masks `mask_dir/{id}.png`.
+def build_pseudo_mask_dataset(dataset: datasets.Dataset, mask_dir: str, stems: list[str]) -> datasets.Dataset:
+    """The source `dataset` with its `mask` column replaced by the pseudo masks `mask_dir/{stem}.png`.
 
     Args:
         dataset: the dataset the masks were made for (`image`, `labels`, optional `mask`).
-        mask_dir: folder of `{id}.png` pseudo masks.
-        ids: the id of every row of `dataset`, in order (rows without a mask file are left out).
+        mask_dir: folder of `{stem}.png` pseudo masks.
+        stems: the mask file stem of every row of `dataset`, in order (`pole_hf.naming.output_stems` of the ids, as
+            generate_cams.py names its files); rows without a mask file are left out.
 
     Returns:
         A dataset with `image_id`, `image`, `labels`, `mask` (pseudo) and `gt_mask` (when `dataset` had masks).
     """
-    if len(ids) != len(dataset):
-        raise ValueError(f"got {len(ids)} ids for a dataset of {len(dataset)} rows; pass one id per row")
-    keep = [i for i, name in enumerate(ids) if os.path.isfile(os.path.join(mask_dir, f"{name}.png"))]
+    if len(stems) != len(dataset):
+        raise ValueError(f"got {len(stems)} file stems for a dataset of {len(dataset)} rows; pass one per row")
+    ids = example_ids(dataset)
+    keep = [i for i, name in enumerate(stems) if os.path.isfile(os.path.join(mask_dir, f"{name}.png"))]
     rows = dataset.select(keep)
     if "mask" in rows.column_names:
         rows = rows.rename_column("mask", "gt_mask")
@@ -47,7 +42,7 @@ def build_pseudo_mask_dataset(dataset: datasets.Dataset, mask_dir: str, ids: lis
     rows = rows.remove_columns(drop)
     if "image_id" not in rows.column_names:
         rows = rows.add_column("image_id", [ids[i] for i in keep])
-    paths = [os.path.join(mask_dir, f"{ids[i]}.png") for i in keep]
+    paths = [os.path.join(mask_dir, f"{stems[i]}.png") for i in keep]
     with_masks = rows.add_column("mask", [{"bytes": _read_bytes(p), "path": None} for p in paths])
     return with_masks.cast_column("mask", datasets.Image())
 
@@ -57,12 +52,12 @@ def _read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def save_pseudo_mask_dataset(dataset: datasets.Dataset, mask_dir: str, ids: list[str], output_dir: str,
+def save_pseudo_mask_dataset(dataset: datasets.Dataset, mask_dir: str, stems: list[str], output_dir: str,
                              description: str = "") -> datasets.Dataset:
     """[`build_pseudo_mask_dataset`] saved with `save_to_disk` into `output_dir/dataset` (replaced atomically)."""
     import shutil
 
-    built = build_pseudo_mask_dataset(dataset, mask_dir, ids)
+    built = build_pseudo_mask_dataset(dataset, mask_dir, stems)
     if description:
         built.info.description = description
     final = os.path.join(output_dir, PSEUDO_MASK_DATASET)

@@ -29,7 +29,14 @@ from transformers import get_scheduler
 from ..atomic import atomic_write_text
 from ..data.spec import SPEC_HELP, class_names_of, iter_examples, load_dataset_spec
 from ..evaluation import ConfusionMatrix
-from ..training import checkpoint_step, latest_checkpoint, prune_checkpoints, save_checkpoint
+from ..training import (
+    check_trackers,
+    latest_checkpoint,
+    load_checkpoint,
+    log_run_start,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from .data import SegmentationTrainSet, load_pseudo_masks
 from .modeling import IGNORE_INDEX, build_segmentation_model, convert_batch_norms, set_sample_weights
 
@@ -126,14 +133,13 @@ def pixel_loss(logits: torch.Tensor, labels: torch.Tensor, total_pixels: int, nu
 
 
 def training_function(args) -> dict:
+    check_trackers(args.report_to)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.report_to,
                               project_dir=args.output_dir,
                               dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=False,
                                                                         use_seedable_sampler=True))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if accelerator.is_main_process:
-        logger.info("%d process(es), distributed type %s, device %s", accelerator.num_processes,
-                    accelerator.distributed_type, accelerator.device)
+    log_run_start(logger, accelerator, "train_segmentation")
     if args.train_batch_size % accelerator.num_processes:
         raise ValueError(f"--train_batch_size {args.train_batch_size} is not a multiple of the "
                          f"{accelerator.num_processes} processes; pick a multiple")
@@ -163,8 +169,7 @@ def training_function(args) -> dict:
         path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" \
             else args.resume_from_checkpoint
         if path:
-            accelerator.load_state(path)
-            step = checkpoint_step(path)
+            step = load_checkpoint(accelerator, path)  # nothing in it is unpickled
             start_epoch, skip = divmod(step, steps_per_epoch)
             logger.info("resumed from %s (step %d)", path, step)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, desc="segmentation")
@@ -262,7 +267,7 @@ def save_outputs(args, model, processor, result: dict) -> None:
 def main(argv=None) -> dict:
     try:
         return training_function(parse_args(argv))
-    except (FloatingPointError, ValueError, OSError) as err:
+    except (FloatingPointError, ValueError, OSError, ImportError) as err:
         print(f"train_segmentation: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
               file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,0 +1,45 @@
+"""Launching the example scripts as 1 or 2 real processes, and checking how many ran.
+
+`accelerate launch --cpu --num_processes 2` starts ONE process with accelerate 1.15; `--multi_gpu` falls back to two
+CPU processes with gloo when the script asks for the CPU (`--cpu`). Every script logs its world size in its first
+line (`pole_hf.training.log_run_start`), which `world_size` reads back.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def example(name: str) -> str:
+    return os.path.join(ROOT, "examples", name)
+
+
+def launch_command(script: str, processes: int = 1) -> list[str]:
+    """The command that runs `script` on the CPU as `processes` real processes."""
+    if processes == 1:
+        return [sys.executable, script, "--cpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, "--cpu"]
+
+
+def world_size(log: str) -> int:
+    """The process count a script logged in its first line."""
+    found = re.findall(r": (\d+) process\(es\), distributed type", log)
+    assert found, f"no world-size line in the log:\n{log[-2000:]}"
+    return int(found[0])
+
+
+def run_script(script: str, args: list[str], processes: int = 1, wait: bool = True, env: dict | None = None):
+    """Run and check rc 0 and the world size; `wait=False` returns the Popen (stderr piped)."""
+    command = [*launch_command(script, processes), *args]
+    environment = dict(ENV, **(env or {}))
+    if not wait:
+        return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert world_size(result.stderr) == processes
+    return result
