@@ -51,3 +51,21 @@ def test_demo_runs_offline(tmp_path, capsys):
     assert (tmp_path / "iou.png").is_file() and (tmp_path / "overlay_0.png").is_file()
     assert json.loads((tmp_path / "results.json").read_text())["table"].startswith("| class |")
     assert "runs offline on the tiny CLIP bundled" in capsys.readouterr().out
+
+
+def test_demo_pictures_caption_every_tile_and_keep_class_names_whole(tmp_path):
+    from PIL import Image, ImageDraw
+
+    from pole_hf.demo import bar_chart, captioned_strip
+
+    rows = {"official names": {"background": 90.0, "chessboard": 40.0}, "selected words": {"background": 91.0,
+                                                                                           "chessboard": 70.0}}
+    bar_chart(rows, str(tmp_path / "chart.png"), "CAM mIoU")
+    chart = Image.open(tmp_path / "chart.png")
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert chart.width >= 60 + 2 * probe.textlength("background") + probe.textlength("selected words")
+    tile = Image.new("RGB", (16, 16), "red")
+    strip = captioned_strip([tile, tile], ["image", "a long variant name"], "labels: dots")
+    assert strip.height > 32 and strip.width >= 2 * probe.textlength("a long variant name")
+    caption_row = np.asarray(strip)[33:45]
+    assert (caption_row < 128).any()  # text was drawn under the tiles

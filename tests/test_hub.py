@@ -121,3 +121,58 @@ def test_cli_push_and_pull(local_hub, hub_base, tmp_path, monkeypatch, capsys):
     assert main(["--quiet", "pull", repo]) == 0
     assert "2 classes on" in capsys.readouterr().out
     assert main(["--quiet", "pull", f"{local_hub.user}/missing"]) == 1
+
+
+def test_cli_push_keeps_the_training_card(local_hub, hub_base, tmp_path):
+    from pole_hf.hub import render_model_card
+
+    base_repo, _ = hub_base
+    model = PolePromptModel.from_clip(base_repo, class_names=["cat", "dog"], background_words=["sky"])
+    model.save_pretrained(tmp_path / "prompts")
+    card = render_model_card(model, datasets=["voc"], training={"loss weights (otm/btm/cbs)": "5/25/1"},
+                             eval_results=[PoleEvalResult("cam_miou", 61.25, "voc", "val")])
+    card.save(tmp_path / "prompts" / "README.md")
+    assert main(["--quiet", "push", str(tmp_path / "prompts"), "carded"]) == 0
+    pushed = ModelCard.load(f"{local_hub.user}/carded")
+    assert pushed.data.eval_results[0].metric_value == 61.25 and pushed.data.datasets == ["voc"]
+    assert "5/25/1" in pushed.content and "path/to/prompts" not in pushed.content and '"carded"' in pushed.content
+
+
+class StallingServer:
+    """Accepts connections and never answers: a Hub that hangs."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(8)
+        self.endpoint = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.token, self.connections = "hf_stall", []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.connections.append(self.socket.accept()[0])
+            except OSError:
+                return
+
+
+def test_push_to_a_stalling_hub_times_out_in_one_line(tiny_model, tmp_path, monkeypatch):
+    import time
+
+    from hub_fixtures import _close_hf_session, point_hf_at
+
+    from pole_hf.hub import push_prompts_to_hub
+
+    server = StallingServer()
+    point_hf_at(server, tmp_path / "cache", monkeypatch)
+    _close_hf_session()
+    start = time.time()
+    message = r"pushing to me/x: the Hub \(http://127.0.0.1:\d+\) did not answer within 1 s"
+    with pytest.raises(TimeoutError, match=message):
+        push_prompts_to_hub(tiny_model, "me/x", timeout=1)
+    assert time.time() - start < 60
+    server.socket.close()

@@ -141,3 +141,24 @@ def test_pipeline_crf_refines_scores(pipe):
     assert mask.shape == (40, 48) and set(np.unique(mask)) <= {0, 1, 255}
     # the CRF follows the image edge: each half comes out as one label
     assert len(np.unique(mask[:, :20])) == 1 and len(np.unique(mask[:, 28:])) == 1
+
+
+def test_batch_size_unknown_arguments_and_bad_values(world_prompts):
+    pipe = pipeline("pole-cam", model=world_prompts)
+    images = [Image.fromarray(np.full((24 + 8 * i, 32, 3), 60 * i, np.uint8)) for i in range(3)]
+    batched = pipe(images, labels=["zebra"], batch_size=2)
+    single = [pipe(image, labels=["zebra"]) for image in images]
+    assert [o["cams"].shape for o in batched] == [(1, 24, 32), (1, 32, 32), (1, 40, 32)]
+    for a, b in zip(batched, single):
+        np.testing.assert_allclose(a["cams"], b["cams"], atol=1e-6)
+    assert pipe([]) == []
+    with pytest.raises(TypeError, match=r"unknown pole-cam argument\(s\) \['refin'\]"):
+        pipe(images[0], refin=True)
+    with pytest.raises(TypeError, match="refin"):
+        pipeline("pole-cam", model=world_prompts, refin=True)
+    for bad in ([], [0], [-1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="scales="):
+            pipe(images[0], scales=bad)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="max_side="):
+            pipe(images[0], max_side=bad)

@@ -165,3 +165,18 @@ def test_card_names_the_mask_source_and_validates(local_hub, tmp_path):
     assert values == {"Segmentation mIoU": (61.25, "val"), "Pseudo-mask mIoU": (70.5, "train")}
     assert "me/voc-prompts" in loaded.text and 'pipeline("image-segmentation", model="me/voc-segformer")' in loaded.text
     assert "0 background, 1 cat, 2 dog" in loaded.text
+
+
+def test_push_to_hub_uploads_a_pipeline_ready_repo(local_hub, tmp_path):
+    from huggingface_hub import HfApi, ModelCard
+
+    from pole_hf.segmentation.train import main
+
+    main([*TINY, "--num_images", "4", "--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "1",
+          "--output_dir", str(tmp_path / "seg"), "--push_to_hub", "seg"])
+    repo = f"{local_hub.user}/seg"
+    files = set(HfApi().list_repo_files(repo))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "results.json"} <= files
+    assert not any(name.startswith("checkpoint_") for name in files)
+    card = ModelCard.load(repo)
+    assert card.data.pipeline_tag == "image-segmentation" and f'model="{repo}"' in card.text

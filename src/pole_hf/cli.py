@@ -95,7 +95,8 @@ def cmd_eval(args) -> None:
 
     model = _model(args.model)
     dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
-                                class_names=model.config.class_names)
+                                class_names=model.config.class_names,
+                                image_size=model.clip.config.vision_config.image_size)  # synthetic: CLIP's size
     result = evaluate_cams(model, dataset, refine=args.refine, progress=not args.quiet)
     print(result["table"])
     print(f"CAM mIoU {100 * result['miou']:.2f} (best background power {result['bg_power']})")
@@ -112,7 +113,8 @@ def cmd_select(args) -> None:
 
     model = _model(args.model)
     dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
-                                class_names=model.config.class_names)
+                                class_names=model.config.class_names,
+                                image_size=model.clip.config.vision_config.image_size)  # synthetic: CLIP's size
     candidates = None
     if args.candidates:
         with open(args.candidates, encoding="utf-8") as f:
@@ -149,8 +151,12 @@ def find_example(name: str) -> str:
 def cmd_push(args) -> None:
     model = _model(args.folder)
     selection = os.path.join(args.folder, "selection.json")
+    from .hub import saved_card
+
+    card = saved_card(args.folder, args.repo_id)
     url = model.push_to_hub(args.repo_id, private=args.private or None, revision=args.revision,
-                            selection_file=selection if os.path.isfile(selection) else None)
+                            selection_file=selection if os.path.isfile(selection) else None,
+                            **({"card": card} if card is not None else {}))
     print(url)
 
 

@@ -54,32 +54,52 @@ def crf_available() -> bool:
 
 
 def bar_chart(rows: dict[str, dict[str, float]], path: str, title: str) -> None:
-    """Grouped bars of per-class IoU (%) per variant, drawn with PIL."""
+    """Grouped bars of per-class IoU (%) per variant, drawn with PIL; class names in full, a legend of variants."""
     variants = list(rows)
     classes = list(next(iter(rows.values())))
-    bar, gap, height, top = 10, 44, 220, 30
-    width = 60 + len(classes) * (len(variants) * bar + gap) + 160
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(probe.textlength(name) for name in classes)
+    legend_width = max(probe.textlength(variant) for variant in variants) + 30
+    bar, height, top = 10, 220, 30
+    group = max(len(variants) * bar, label_width) + 16
+    width = int(60 + len(classes) * group + legend_width + 20)
     image = Image.new("RGB", (width, height + top + 60), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 8), title, fill="black")
+    plot_right = width - legend_width - 20
     for level in (0, 25, 50, 75, 100):
         y = top + height - level * height / 100
-        draw.line([(50, y), (width - 160, y)], fill=(225, 225, 225))
+        draw.line([(50, y), (plot_right, y)], fill=(225, 225, 225))
         draw.text((20, y - 6), str(level), fill="black")
     for c, name in enumerate(classes):
-        x0 = 60 + c * (len(variants) * bar + gap)
+        x0 = 60 + c * group
         for v, variant in enumerate(variants):
             value = rows[variant][name]
             value = 0.0 if np.isnan(value) else value
             x = x0 + v * bar
             draw.rectangle([x, top + height - value * height / 100, x + bar - 2, top + height],
                            fill=VARIANT_COLOURS.get(variant, (100, 100, 100)))
-        draw.text((x0, top + height + 6), name[:9], fill="black")
+        draw.text((x0, top + height + 6), name, fill="black")
     for v, variant in enumerate(variants):
         y = top + 10 + v * 18
-        draw.rectangle([width - 150, y, width - 140, y + 10], fill=VARIANT_COLOURS.get(variant, (100, 100, 100)))
-        draw.text((width - 135, y), variant, fill="black")
+        x = plot_right + 10
+        draw.rectangle([x, y, x + 10, y + 10], fill=VARIANT_COLOURS.get(variant, (100, 100, 100)))
+        draw.text((x + 15, y), variant, fill="black")
     image.save(path)
+
+
+def captioned_strip(tiles: list[Image.Image], captions: list[str], footer: str, scale: int = 2) -> Image.Image:
+    """Tiles side by side (scaled up), each captioned below, with a footer line (e.g. the image's labels)."""
+    width, height = tiles[0].width * scale, tiles[0].height * scale
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    tile_width = int(max(width, *(probe.textlength(c) + 8 for c in captions)))
+    strip = Image.new("RGB", (tile_width * len(tiles), height + 34), "white")
+    draw = ImageDraw.Draw(strip)
+    for position, (tile, caption) in enumerate(zip(tiles, captions)):
+        strip.paste(tile.resize((width, height), Image.NEAREST), (position * tile_width, 0))
+        draw.text((position * tile_width + 4, height + 4), caption, fill="black")
+    draw.text((4, height + 19), footer, fill=(80, 80, 80))
+    return strip
 
 
 def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | None = None, seed: int = 7,
@@ -165,8 +185,6 @@ def _write_overlays(models, dataset, processor, output_dir, overlay_mask, count:
         for model in models.values():
             cams = CamEngine(model)(image, processor, labels).cams.numpy()
             tiles.append(overlay_mask(image, cams_to_mask(cams, [i + 1 for i in labels])))
-        strip = Image.new("RGB", (image.width * len(tiles), image.height))
-        for position, tile in enumerate(tiles):
-            strip.paste(tile, (position * image.width, 0))
-        strip.resize((strip.width * 2, strip.height * 2), Image.NEAREST).save(
-            os.path.join(output_dir, f"overlay_{index}.png"))
+        names = dataset.features["labels"].feature.names
+        footer = "labels: " + ", ".join(names[i] for i in labels) if labels else "labels: none"
+        captioned_strip(tiles, ["image", *models], footer).save(os.path.join(output_dir, f"overlay_{index}.png"))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
 
 TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards", "pole_prompts.md")
 SEGMENTATION_TEMPLATE_PATH = os.path.join(os.path.dirname(TEMPLATE_PATH), "segmentation.md")
@@ -135,14 +136,71 @@ def render_segmentation_card(model, dataset: str, val_miou: float, val_split: st
     )
 
 
+HUB_TIMEOUT = float(os.environ.get("POLE_HF_HUB_TIMEOUT", "120"))
+"""Seconds any one Hub request of a push may wait for an answer (env `POLE_HF_HUB_TIMEOUT`; huggingface_hub's
+own client waits forever)."""
+
+
+@contextlib.contextmanager
+def hub_timeout(seconds: float, what: str) -> Iterator[None]:
+    """Give huggingface_hub's shared HTTP client a timeout for the block; a stall becomes one `TimeoutError` line.
+
+    Args:
+        seconds: the per-request timeout (connect, read, write).
+        what: what is being done, for the message (e.g. "pushing to me/voc-prompts").
+    """
+    try:
+        import httpx2
+    except ImportError:  # huggingface_hub 1.x is built on httpx
+        import httpx as httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def factory():
+        client = previous()
+        client.timeout = httpx2.Timeout(seconds)
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    except httpx2.TimeoutException as err:
+        raise TimeoutError(f"{what}: the Hub ({constants.ENDPOINT}) did not answer within {seconds:g} s "
+                           f"({type(err).__name__}): check the endpoint, or raise POLE_HF_HUB_TIMEOUT") from None
+    finally:
+        set_client_factory(previous)
+
+
+def saved_card(folder: str, repo_id: str) -> ModelCard | None:
+    """The model card a training run wrote into `folder` (README.md), its usage snippet pointed at `repo_id`;
+    None when there is none. Pushing it keeps its `model-index`, datasets and training table."""
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        return None
+    return ModelCard(ModelCard.load(path).content.replace("path/to/prompts", repo_id))
+
+
 def push_prompts_to_hub(model, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                         token: str | bool | None = None, revision: str | None = None, include_base: bool = False,
-                        selection_file: str | None = None, card: ModelCard | None = None, **card_kwargs) -> str:
+                        selection_file: str | None = None, card: ModelCard | None = None,
+                        timeout: float | None = None, **card_kwargs) -> str:
     """Push a prompts-only folder (config, safetensors, selection JSON when given, model card) to `repo_id`.
+
+    Args:
+        timeout: seconds each Hub request may wait (default `HUB_TIMEOUT`); a stalled server raises `TimeoutError`.
 
     Returns:
         the commit URL.
     """
+    with hub_timeout(HUB_TIMEOUT if timeout is None else timeout, f"pushing to {repo_id}"):
+        return _push(model, repo_id, commit_message, private, token, revision, include_base, selection_file, card,
+                     card_kwargs)
+
+
+def _push(model, repo_id, commit_message, private, token, revision, include_base, selection_file, card,
+          card_kwargs) -> str:
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
     if revision is not None:

@@ -8,6 +8,8 @@ Registered with transformers on `import pole_hf` as the task ``"pole-cam"``::
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -61,7 +63,13 @@ class PoleCamPipeline(Pipeline):
             self.image_processor = load_image_processor(self.model)
         self.engine = CamEngine(self.model)
 
+    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
+        # images of different sizes do not stack: `batch_size` is accepted and each image is computed on its own
+        return super().get_iterator(inputs, num_workers, 1, preprocess_params, forward_params, postprocess_params)
+
     def __call__(self, images, labels=None, **kwargs):
+        if isinstance(images, (list, tuple)) and not images:
+            return []
         if isinstance(images, (list, tuple)):
             if labels is not None and len(labels) and isinstance(labels[0], (list, tuple)):
                 if len(labels) != len(images):
@@ -77,6 +85,15 @@ class PoleCamPipeline(Pipeline):
     def _sanitize_parameters(self, refine=None, scales=None, flip=None, caa_layers=None, max_side=None,
                              background=None, bg_power=None, bg_threshold=None, crf=None, ignore_below=None,
                              return_overlay=None, **kwargs):
+        if kwargs:
+            raise TypeError(f"unknown pole-cam argument(s) {sorted(kwargs)}: use refine, scales, flip, caa_layers, "
+                            "max_side, background, bg_power, bg_threshold, crf, ignore_below, return_overlay")
+        if scales is not None:
+            scales = tuple(scales)
+            if not scales or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in scales):
+                raise ValueError(f"scales={scales!r} must be a non-empty list of positive numbers, e.g. (1.0, 0.5)")
+        if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+            raise ValueError(f"max_side={max_side!r} must be a positive integer (pixels of the longer side)")
         forward = {k: v for k, v in dict(refine=refine, scales=scales, flip=flip, caa_layers=caa_layers,
                                          max_side=max_side).items() if v is not None}
         post = {k: v for k, v in dict(background=background, bg_power=bg_power, bg_threshold=bg_threshold, crf=crf,

@@ -238,8 +238,14 @@ def training_function(args) -> dict:
 
 def save_outputs(args, model, processor, result: dict) -> None:
     """save_pretrained of the model and its processor, results.json, the model card; push when asked."""
-    from ..hub import render_segmentation_card
+    from huggingface_hub import HfApi
 
+    from ..hub import HUB_TIMEOUT, hub_timeout, render_segmentation_card
+
+    repo_id = None
+    if args.push_to_hub:  # the full repo id (namespace included) goes into the card's usage snippet
+        with hub_timeout(HUB_TIMEOUT, f"creating {args.push_to_hub}"):
+            repo_id = HfApi().create_repo(args.push_to_hub, exist_ok=True).repo_id
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     atomic_write_text(os.path.join(args.output_dir, "results.json"),
@@ -253,15 +259,13 @@ def save_outputs(args, model, processor, result: dict) -> None:
                                     pseudo_mask_miou=None if result["pseudo_mask_miou"] is None
                                     else 100 * result["pseudo_mask_miou"],
                                     masks_from=result["masks_from"] if args.masks else "ground truth",
-                                    repo_id=args.push_to_hub, base_model=args.model_name_or_path, training=training)
+                                    repo_id=repo_id, base_model=args.model_name_or_path, training=training)
     card.save(os.path.join(args.output_dir, "README.md"))
     if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        repo_id = api.create_repo(args.push_to_hub, exist_ok=True).repo_id
-        api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint_*", "*.partial"],
-                          commit_message="Upload segmentation model trained with pole_hf")
+        with hub_timeout(HUB_TIMEOUT, f"pushing to {repo_id}"):
+            HfApi().upload_folder(repo_id=repo_id, folder_path=args.output_dir,
+                                  ignore_patterns=["checkpoint_*", "*.partial"],
+                                  commit_message="Upload segmentation model trained with pole_hf")
 
 
 def main(argv=None) -> dict:
