@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pole_hf import CamEngine, PolePromptModel
+from pole_hf import CamEngine
 from pole_hf.atomic import atomic_save_npy, atomic_save_png, atomic_write_text, remove_partial_files
 from pole_hf.data.spec import (
     SPEC_HELP,
@@ -38,10 +38,12 @@ from pole_hf.data.spec import (
     load_dataset_spec,
 )
 from pole_hf.evaluation import ConfusionMatrix
+from pole_hf.loading import load_prompt_model
 from pole_hf.masks import cams_to_mask, class_scores, crf_refine, image_to_mask, mask_to_image, scores_to_mask
 from pole_hf.naming import confined_path, output_stems
 from pole_hf.pipeline_pole import load_image_processor
 from pole_hf.training import log_run_start
+from pole_hf.vocab import PROMPT_PRESETS
 
 logger = logging.getLogger("generate_cams")
 
@@ -49,6 +51,10 @@ logger = logging.getLogger("generate_cams")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="prompts folder or Hub repo (default: the bundled prompts)")
+    parser.add_argument("--preset", default=None, choices=sorted(PROMPT_PRESETS),
+                        help="untouched prompts of a paper's setting instead of --model (clip-es-voc: CLIP-ES's "
+                             "'a clean origami {}.', words and 25 background words; pole-voc: CLIMS/POLE's)")
+    parser.add_argument("--base", default=None, help="base CLIP of --preset (default: the bundled tiny CLIP)")
     parser.add_argument("--dataset", default="synthetic", help=SPEC_HELP)
     parser.add_argument("--split", default="train")
     parser.add_argument("--num_images", type=int, default=None, help="first N images only")
@@ -73,9 +79,7 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(cpu=args.cpu)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log_run_start(logger, accelerator, "generate_cams.py")
-    from pole_hf.bundled import TINY_PROMPTS
-
-    model = PolePromptModel.from_pretrained(args.model or TINY_PROMPTS).to(accelerator.device)
+    model = load_prompt_model(args.model, base=args.base, preset=args.preset).to(accelerator.device)
     processor = load_image_processor(model)
     engine = CamEngine(model)
     dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
@@ -139,7 +143,8 @@ def main(argv=None) -> dict:
                                 reduction="sum").tolist()
     skipped_all = accelerator.gather_for_metrics(skipped, use_gather_object=True)
     summary = {"images": len(dataset), "resumed": counts[0], "computed": counts[1], "skipped": counts[2],
-               "skipped_ids": sorted(skipped_all), "model": args.model or "pole_hf bundled tiny prompts"}
+               "skipped_ids": sorted(skipped_all), "model": args.model or (f"preset {args.preset}" if args.preset
+                                                                      else "pole_hf bundled tiny prompts")}
     if totals.sum() > 0:
         merged = ConfusionMatrix(len(names) + 1)
         merged.matrix = totals

@@ -40,6 +40,7 @@ from pole_hf.training import (
     process_share,
     save_checkpoint,
 )
+from pole_hf.vocab import PROMPT_PRESETS
 
 logger = logging.getLogger("train_pole")
 
@@ -56,7 +57,15 @@ def parse_args(argv=None):
     parser.add_argument("--prompts", default=None, help="start from saved prompts instead of the class names")
     parser.add_argument("--class_words", default=None, help="JSON {class: word} for the initial prompt words")
     parser.add_argument("--background_words", nargs="*", default=None)
-    parser.add_argument("--class_token_length", type=int, default=1)
+    parser.add_argument("--preset", default=None, choices=sorted(PROMPT_PRESETS),
+                        help="start from a paper's prompt setting: clip-es-voc (CLIP-ES's 'a clean origami {}.', "
+                             "words, 25 background words) or pole-voc (CLIMS/POLE's 'a photo of {}.', words, 10 "
+                             "background prompts); --class_words / --background_words override its fields")
+    parser.add_argument("--class_token_length", type=int, default=None,
+                        help="fixed vectors per class (longer words are averaged: changes the prompt); default: "
+                             "every token of the class word")
+    parser.add_argument("--learnable_tokens", default="all", choices=["all", "first"],
+                        help="'first': POLE's DeFo-style variant, only the word's first token is learned")
     parser.add_argument("--learn_context", action="store_true")
     parser.add_argument("--use_adapters", action="store_true")
     parser.add_argument("--loss_weights", default="10,25,1", help="POLE's OTM,BTM,CBS weights")
@@ -143,13 +152,13 @@ class _LocalBatch:
 def build_model(args, class_names):
     if args.prompts:
         return PolePromptModel.from_pretrained(args.prompts)
-    options = dict(class_token_length=args.class_token_length, learn_context=args.learn_context,
-                   use_adapters=args.use_adapters)
+    options = dict(class_token_length=args.class_token_length, learnable_tokens=args.learnable_tokens,
+                   learn_context=args.learn_context, use_adapters=args.use_adapters, preset=args.preset)
     if args.class_words:
         options["class_words"] = json.loads(args.class_words)
     if args.background_words is not None:
         options["background_words"] = args.background_words
-    elif args.dataset.startswith("synthetic"):
+    elif args.dataset.startswith("synthetic") and args.preset is None:
         from pole_hf.data import SyntheticWorld
 
         options["background_words"] = SyntheticWorld().background_kinds

@@ -12,7 +12,8 @@ def test_defaults_and_word_mapping():
     config = PoleConfig(class_names=["cat", "sofa"], class_words={"sofa": "couch"})
     assert config.class_words == ["cat", "couch"]
     assert config.background_words == list(CLIP_ES_BACKGROUND_WORDS)
-    assert config.template == "a photo of a {}." and config.class_token_length == 1
+    assert config.template == "a photo of a {}." and config.class_token_length is None
+    assert config.learnable_tokens == "all"
     assert config.image_feature == "patch_mean" and not config.learn_context and config.num_classes == 2
     assert PoleConfig(class_names=["cat"], background_words=[]).background_words == []
 
@@ -39,6 +40,8 @@ def test_round_trip_keeps_the_embedded_clip_config(tmp_path):
     (dict(class_names=["cat"], class_words={"horse": "pony"}), r"unknown classes \['horse'\]"),
     (dict(class_names=["cat"], background_words=["sky", ""]), "must not contain empty words"),
     (dict(class_names=["cat"], class_token_length=0), "class_token_length=0"),
+    (dict(class_names=["cat"], learnable_tokens="last"), "learnable_tokens='last' must be one of"),
+    (dict(class_names=["cat"], learnable_tokens="first", class_token_length=1), "leave class_token_length=None"),
     (dict(class_names=["cat"], image_feature="cls"), "image_feature='cls'"),
     (dict(class_names=["cat"], logit_scale=-1.0), "logit_scale=-1.0 must be positive"),
 ])

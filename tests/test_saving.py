@@ -208,3 +208,26 @@ def test_base_without_tokenizer_loads_from_stored_ids_with_one_lookup(saved, tin
     # building prompts needs the words' ids: a base without tokenizer files is refused, not tokenized to <|endoftext|>
     with pytest.raises(OSError, match="base-without-tokenizer has no tokenizer files"):
         PolePromptModel.from_clip(str(base), class_names=["cat"])
+
+
+@pytest.mark.parametrize(("tamper", "pattern"), [
+    (lambda t: t.update(class_token_lengths=torch.zeros_like(t["class_token_lengths"])), "class_token_lengths"),
+    (lambda t: t.update(class_token_lengths=-torch.ones_like(t["class_token_lengths"])), "class_token_lengths"),
+    (lambda t: t.update(class_token_lengths=t["class_token_lengths"][:2]), "class_token_lengths"),
+    (lambda t: t.update(background_ids=t["background_ids"][:2], background_lengths=t["background_lengths"][:2]),
+     "one row per background word"),
+    (lambda t: t.update(background_lengths=t["background_lengths"] + 100), "background_lengths"),
+    (lambda t: t["class_tokens"].view(-1)[0].fill_(float("nan")), "class_tokens holds NaN or Inf"),
+    (lambda t: t["class_tokens"].view(-1)[1].fill_(float("inf")), "class_tokens holds NaN or Inf"),
+], ids=["lengths-0", "lengths-neg", "lengths-short", "background-rows", "background-lengths", "nan", "inf"])
+def test_tampered_prompt_buffers_are_refused_naming_the_file(saved, tamper, pattern):
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved
+    file = path / "model.safetensors"
+    tensors = {k.split(".", 1)[1]: v for k, v in load_file(file).items()}
+    tamper(tensors)
+    save_file({f"prompt_learner.{k}": v.contiguous() for k, v in tensors.items()}, file)
+    with pytest.raises(ValueError, match=pattern) as error:
+        PolePromptModel.from_pretrained(path)
+    assert str(file) in str(error.value) and "\n" not in str(error.value)

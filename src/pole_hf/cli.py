@@ -18,11 +18,10 @@ class CliError(Exception):
     """An error to print as one line and exit with code 1."""
 
 
-def _model(path: str | None):
-    from . import PolePromptModel
-    from .bundled import TINY_PROMPTS
+def _model(path: str | None, base: str | None = None, preset: str | None = None):
+    from .loading import load_prompt_model
 
-    return PolePromptModel.from_pretrained(path or TINY_PROMPTS)
+    return load_prompt_model(path, base=base, preset=preset)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -72,7 +71,8 @@ def cmd_cam(args) -> None:
     per_image = read_labels_file(args.labels_file) if args.labels_file else None
     if per_image is not None and args.labels is not None:
         raise CliError("give either --labels (the same for every image) or --labels_file, not both")
-    pipe = pipeline("pole-cam", model=args.model or TINY_PROMPTS, device=args.device)
+    model = _model(args.model, args.base, args.preset) if args.preset or args.base else args.model or TINY_PROMPTS
+    pipe = pipeline("pole-cam", model=model, device=args.device)
     os.makedirs(args.out, exist_ok=True)
     stems = output_stems(os.path.splitext(os.path.basename(image))[0] for image in images)
     for image, stem in zip(tqdm(images, desc="CAMs", disable=args.quiet), stems):
@@ -93,7 +93,7 @@ def cmd_eval(args) -> None:
     from .data.spec import load_dataset_spec
     from .evaluation import evaluate_cams
 
-    model = _model(args.model)
+    model = _model(args.model, args.base, args.preset)
     dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
                                 class_names=model.config.class_names,
                                 image_size=model.clip.config.vision_config.image_size)  # synthetic: CLIP's size
@@ -111,7 +111,7 @@ def cmd_select(args) -> None:
     from .pipeline_pole import load_image_processor
     from .selection import select_class_words
 
-    model = _model(args.model)
+    model = _model(args.model, args.base, args.preset)
     dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
                                 class_names=model.config.class_names,
                                 image_size=model.clip.config.vision_config.image_size)  # synthetic: CLIP's size
@@ -184,6 +184,16 @@ def cmd_run(args) -> None:
         raise CliError(str(err)) from None
 
 
+def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--preset` / `--base`: fresh prompts of a published setting instead of saved `--model` prompts."""
+    from .vocab import PROMPT_PRESETS
+
+    parser.add_argument("--preset", default=None, choices=sorted(PROMPT_PRESETS),
+                        help="untouched prompts of a paper's setting (clip-es-voc: CLIP-ES; pole-voc: CLIMS/POLE) "
+                             "instead of --model")
+    parser.add_argument("--base", default=None, help="base CLIP for --preset (default: the bundled tiny CLIP)")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
     try:
@@ -226,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     cam = command("cam", "CAMs, pseudo masks and overlays for images")
     cam.add_argument("images", nargs="+", help="image files, folders of images, or http(s) URLs")
     cam.add_argument("--model", default=None, help="prompts folder or Hub repo (default: the bundled prompts)")
+    add_preset_arguments(cam)
     cam.add_argument("--labels", nargs="*", default=None,
                      help="class names for every image (default: the classes CLIP predicts)")
     cam.add_argument("--labels_file", default=None,
@@ -238,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("select", "POLE class-word selection over a dataset"), ("eval", "CAM mIoU over a dataset")):
         p = command(name, text)
         p.add_argument("--model", default=None, help="prompts folder or Hub repo (default: the bundled prompts)")
+        add_preset_arguments(p)
         p.add_argument("--dataset", default="synthetic", help=SPEC_HELP)
         p.add_argument("--split", default="train", help="dataset split")
         p.add_argument("--num_images", type=positive_int, default=None, help="first N images only")

@@ -11,6 +11,7 @@ from transformers.configuration_utils import SubConfigSpec
 from .vocab import CLIP_ES_BACKGROUND_WORDS, DEFAULT_TEMPLATE
 
 IMAGE_FEATURES = ("patch_mean", "pooled")
+LEARNABLE_TOKENS = ("all", "first")
 
 
 class PoleConfig(PreTrainedConfig):
@@ -35,11 +36,18 @@ class PoleConfig(PreTrainedConfig):
             Words describing background stuff, scored beside the classes (default: CLIP-ES's 25 words). `[]` for none.
         template (`str`, *optional*, defaults to `"a photo of a {}."`):
             Prompt template with exactly one `{}` where the class token goes.
-        class_token_length (`int`, *optional*, defaults to 1):
-            Learnable vectors per class. A class word of `n` tokens uses `min(n, class_token_length)` of them: when
-            `n` is larger, the word's token embeddings are split into `class_token_length` contiguous groups and
-            each vector starts as the mean of its group ("dining table" -> one vector, the mean of two tokens);
-            otherwise the vectors start as the word's own token embeddings, so the initial prompt is the sentence.
+        class_token_length (`int`, *optional*):
+            Learnable vectors per class. `None` (the default): every token of a class word is its own vector (a
+            per-class length), initialised from the word's token embeddings, so an untouched prompt *is* the
+            sentence `template.format(word)` for any word and tokenizer. An integer fixes the number of vectors per
+            class: a word with at most that many tokens keeps its own embeddings, a longer word is split into that
+            many contiguous groups and each vector starts as the mean of its group — this *changes the prompt*
+            ("dining table" with `class_token_length=1` is one vector, the mean of two tokens). Prompts saved by
+            pole_hf 0.1.0 hold `class_token_length=1` and load with that grouping.
+        learnable_tokens (`str`, *optional*, defaults to `"all"`):
+            `"all"`: every class vector is learnable. `"first"`: POLE's DeFo-style variant (`clip_defo_utils.py`)
+            — one learnable vector per class, initialised from the word's first token, while its remaining tokens
+            stay fixed token embeddings (needs `class_token_length=None`).
         learn_context (`bool`, *optional*, defaults to `False`):
             Also learn the template words before the class token as shared vectors (CoOp-style context),
             initialised from their token embeddings.
@@ -71,7 +79,8 @@ class PoleConfig(PreTrainedConfig):
     class_words: list[str] | dict | None = None
     background_words: list[str] | None = None
     template: str = DEFAULT_TEMPLATE
-    class_token_length: int = 1
+    class_token_length: int | None = None
+    learnable_tokens: str = "all"
     learn_context: bool = False
     image_feature: str = "patch_mean"
     logit_scale: float | None = None
@@ -112,8 +121,15 @@ class PoleConfig(PreTrainedConfig):
             raise ValueError("class_words and background_words must not contain empty words")
         if self.template.count("{}") != 1:
             raise ValueError(f"template {self.template!r} must contain exactly one '{{}}' for the class word")
-        if int(self.class_token_length) < 1:
-            raise ValueError(f"class_token_length={self.class_token_length} must be at least 1")
+        if self.class_token_length is not None and (isinstance(self.class_token_length, bool)
+                                                    or int(self.class_token_length) < 1):
+            raise ValueError(f"class_token_length={self.class_token_length} must be None (every token of the word) "
+                             "or an integer of at least 1")
+        if self.learnable_tokens not in LEARNABLE_TOKENS:
+            raise ValueError(f"learnable_tokens={self.learnable_tokens!r} must be one of {LEARNABLE_TOKENS}")
+        if self.learnable_tokens == "first" and self.class_token_length is not None:
+            raise ValueError(f"learnable_tokens='first' learns one vector per class and keeps the word's other tokens "
+                             f"fixed: leave class_token_length=None (got {self.class_token_length})")
         if self.image_feature not in IMAGE_FEATURES:
             raise ValueError(f"image_feature={self.image_feature!r} must be one of {IMAGE_FEATURES}")
         if self.logit_scale is not None and not self.logit_scale > 0:

@@ -79,7 +79,7 @@ def render_model_card(model, repo_id: str | None = None, datasets: Sequence[str]
         base_model=hub_base, base_revision=config.base_model_revision,
         prompts_size=f"{prompts_size / 1024:.1f} KB" if prompts_size else "small",
         example_labels=", ".join(repr(n) for n in config.class_names[:2]), template=config.template,
-        class_token_length=config.class_token_length, learned=learned,
+        class_token_length=describe_class_tokens(config), learned=learned,
         class_rows=list(zip(config.class_names, config.class_words)),
         background_words=", ".join(config.background_words) or "none",
         eval_rows=[dict(name=METRIC_NAMES.get(r.metric, r.metric), dataset=r.dataset_name or r.dataset,
@@ -134,6 +134,15 @@ def render_segmentation_card(model, dataset: str, val_miou: float, val_split: st
                         images=counts.get(r.metric) or "-", value=f"{r.value:.2f}") for r in evals],
         training=sorted((k, str(v)) for k, v in rows.items()),
     )
+
+
+def describe_class_tokens(config) -> str:
+    """How many class-token vectors each class has, in words, for the model card."""
+    if config.learnable_tokens == "first":
+        return "1 learnable (the word's first token; its other tokens fixed, DeFo-style)"
+    if config.class_token_length is None:
+        return "one per token of the class word"
+    return f"{config.class_token_length} (longer words averaged into that many groups)"
 
 
 HUB_TIMEOUT = float(os.environ.get("POLE_HF_HUB_TIMEOUT", "120"))

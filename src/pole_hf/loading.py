@@ -19,7 +19,8 @@ from .configuration_pole import PoleConfig
 PROMPTS_FILE = "model.safetensors"
 BASE_SUBFOLDER = "base"
 PICKLE_FILES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt", "prompts.bin")
-ID_TENSORS = ("prefix_ids", "suffix_ids", "class_token_lengths", "background_ids", "background_lengths")
+ID_TENSORS = ("prefix_ids", "suffix_ids", "class_token_lengths", "background_ids", "background_lengths",
+              "class_tail_ids", "class_tail_lengths")
 HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "proxies")
 
 
@@ -178,6 +179,33 @@ def load_prompts(cls, path: str | os.PathLike, *, base_model: CLIPModel | None =
     return model.eval()
 
 
+def load_prompt_model(model: str | None = None, base: str | None = None, preset: str | None = None, cls=None,
+                      **kwargs):
+    """The prompt model a script or the CLI asks for: saved prompts (`model`), or fresh, untouched prompts of a
+    published setting (`preset`, see `pole_hf.vocab.PROMPT_PRESETS`) on `base`; the bundled prompts when neither.
+
+    Args:
+        model: a prompts folder or Hub repo (default: `pole_hf.TINY_PROMPTS` when no preset is given).
+        base: the base CLIP of a preset (default: the bundled tiny CLIP); with `model`, the base to load it onto.
+        preset: `"clip-es-voc"` or `"pole-voc"`; cannot be combined with `model`.
+        cls: the model class (default `PolePromptModel`).
+        **kwargs: more `from_clip` options (with a preset) or `from_pretrained` options.
+    """
+    if cls is None:
+        from .modeling_pole import PolePromptModel as cls
+    if preset is not None:
+        if model is not None:
+            raise ValueError(f"give saved prompts ({model!r}) or a preset ({preset!r}), not both: a preset builds "
+                             "fresh prompts on --base")
+        return cls.from_clip(resolve_base_path(base), preset=preset, **kwargs)
+    from .bundled import TINY_PROMPTS
+
+    if base is not None:
+        kwargs["base_model"] = load_base_clip(base)
+        kwargs.setdefault("tokenizer", try_load_base_tokenizer(base))
+    return cls.from_pretrained(model or TINY_PROMPTS, **kwargs)
+
+
 def check_base_matches(saved, base, where: str) -> None:
     """Raise when prompts learned on `saved` (a CLIPConfig) cannot sit on `base`: text width, vocabulary, projection."""
     pairs = {
@@ -189,6 +217,36 @@ def check_base_matches(saved, base, where: str) -> None:
         if want != have:
             raise ValueError(f"prompts in {where} were learned on a CLIP with {name} {want}, but the base has "
                              f"{have}: load them onto the base they were learned on")
+
+
+def _check_id_tensors(tensors: dict[str, torch.Tensor], config, filename: str) -> None:
+    """Shapes and ranges of the id/length buffers and finiteness of the learned tensors: a tampered or mismatched
+    file is refused in one line (it would otherwise score classes against the wrong prompts, silently)."""
+    num_classes, num_background = len(config.class_names), len(config.background_words)
+
+    def refuse(what: str) -> None:
+        raise ValueError(f"{filename}: {what}: the file is damaged or belongs to other prompts; re-save or "
+                         "re-download it")
+
+    lengths = tensors["prompt_learner.class_token_lengths"]
+    if tuple(lengths.shape) != (num_classes,) or (num_classes and int(lengths.min()) < 1):
+        refuse(f"class_token_lengths {lengths.tolist()} must hold one length >= 1 for each of the {num_classes} "
+               "classes")
+    ids, rows = tensors["prompt_learner.background_ids"], tensors["prompt_learner.background_lengths"]
+    if ids.ndim != 2 or ids.shape[0] != num_background or tuple(rows.shape) != (num_background,):
+        refuse(f"background_ids {tuple(ids.shape)} / background_lengths {tuple(rows.shape)} must have one row per "
+               f"background word ({num_background})")
+    if num_background and (int(rows.min()) < 2 or int(rows.max()) > ids.shape[1]):
+        refuse(f"background_lengths {rows.tolist()} must lie in 2..{ids.shape[1]} (BOS and EOS included)")
+    for name in ("prompt_learner.prefix_ids", "prompt_learner.suffix_ids"):
+        if tensors[name].ndim != 1 or tensors[name].numel() == 0:
+            refuse(f"{name.split('.')[-1]} must be a non-empty list of token ids")
+    tail = tensors.get("prompt_learner.class_tail_lengths")
+    if tail is not None and (tuple(tail.shape) != (num_classes,) or (tail.numel() and int(tail.min()) < 0)):
+        refuse(f"class_tail_lengths {tail.tolist()} must hold one length >= 0 per class")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            refuse(f"{name} holds NaN or Inf values")
 
 
 def load_prompt_tensors(model, filename: str) -> None:
@@ -206,6 +264,7 @@ def load_prompt_tensors(model, filename: str) -> None:
         raise ValueError(f"{filename} does not match this model's prompts: missing {missing}, unexpected {extra}")
     vocab = model.clip.config.text_config.vocab_size
     learner = model.prompt_learner
+    per_class = learner.fixed_length is None and learner.learnable_tokens == "all"
     for name, tensor in tensors.items():
         short = name.split(".")[-1]
         if short in ID_TENSORS:
@@ -219,15 +278,26 @@ def load_prompt_tensors(model, filename: str) -> None:
         want = tuple(expected[name].shape)
         if name == "prompt_learner.context":
             want = (tensors["prompt_learner.prefix_ids"].numel() - 1, want[1])
+        if name == "prompt_learner.class_tokens" and per_class and tensor.ndim == 3 and tensor.shape[1] >= 1:
+            want = (want[0], tensor.shape[1], want[2])  # a per-class length: as many slots as the file's longest word
         if tuple(tensor.shape) != want:
             raise ValueError(f"{filename}: {name} has shape {tuple(tensor.shape)} but this config and base CLIP "
                              f"expect {want}: the prompts were saved for other classes or another base")
-    if int(tensors["prompt_learner.class_token_lengths"].max()) > learner.class_tokens.shape[1]:
-        raise ValueError(f"{filename}: class_token_lengths exceed class_token_length {learner.class_tokens.shape[1]}")
+    _check_id_tensors(tensors, model.config, filename)
+    slots = tensors["prompt_learner.class_tokens"].shape[1]
+    if int(tensors["prompt_learner.class_token_lengths"].max()) > slots:
+        raise ValueError(f"{filename}: class_token_lengths exceed the {slots} class-token slots it holds")
+    tail_ids = tensors.get("prompt_learner.class_tail_ids")
+    tail_lengths = tensors.get("prompt_learner.class_tail_lengths")
+    if tail_ids is not None and tail_lengths.numel() and int(tail_lengths.max()) > tail_ids.shape[-1]:
+        raise ValueError(f"{filename}: class_tail_lengths exceed the {tail_ids.shape[-1]} tail token ids it holds: "
+                         "re-save the prompts")
     with torch.no_grad():
         device = learner.class_tokens.device
+        learner.resize_class_tokens(slots)
         for short in ID_TENSORS:
-            setattr(learner, short, tensors[f"prompt_learner.{short}"].to(device=device, dtype=torch.long))
+            if f"prompt_learner.{short}" in tensors:
+                setattr(learner, short, tensors[f"prompt_learner.{short}"].to(device=device, dtype=torch.long))
         if learner.context is not None:
             learner.context = torch.nn.Parameter(tensors["prompt_learner.context"].to(device).float())
         params = dict(model.named_parameters())

@@ -75,7 +75,8 @@ class PolePromptModel(PreTrainedModel):
         self.clip.eval()
         text_width = clip_model.config.text_config.hidden_size
         self.prompt_learner = PolePromptLearner(config.num_classes, config.class_token_length, text_width,
-                                                len(config.background_words), config.learn_context)
+                                                len(config.background_words), config.learn_context,
+                                                config.learnable_tokens)
         if config.use_adapters:
             dim = clip_model.config.projection_dim
             self.visual_adapter = PoleAdapter(dim, config.adapter_reduction, config.adapter_ratio)
@@ -104,18 +105,36 @@ class PolePromptModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_clip(cls, clip_model_or_path: CLIPModel | str, class_names: list[str], tokenizer=None,
-                  revision: str | None = None, **config_options) -> PolePromptModel:
+    def from_clip(cls, clip_model_or_path: CLIPModel | str, class_names: list[str] | None = None, tokenizer=None,
+                  revision: str | None = None, preset: str | None = None, **config_options) -> PolePromptModel:
         """A fresh prompt model on a base CLIP.
 
         Args:
             clip_model_or_path: a loaded `CLIPModel`, or a Hub id / local folder to load one from.
-            class_names: ordered foreground class names.
+            class_names: ordered foreground class names (default: the preset's classes).
             tokenizer: the base's tokenizer (loaded from the path or `clip_model.name_or_path` when omitted).
             revision: Hub revision of the base, when given as a path.
+            preset: a published prompt setting from `pole_hf.vocab.PROMPT_PRESETS`: `"clip-es-voc"` (CLIP-ES:
+                'a clean origami {}.', its words and 25 background words) or `"pole-voc"` (CLIMS/POLE: 'a photo of
+                {}.', CLIMS's words and 10 background prompts). Explicit `config_options` override its fields; a
+                `class_words` dict is merged into the preset's words.
             **config_options: any other [`PoleConfig`] field (`class_words`, `background_words`, `template`, ...).
         """
         from .loading import load_base_clip, load_base_tokenizer
+
+        if preset is not None:
+            from .vocab import prompt_preset
+
+            options = prompt_preset(preset).config_options(class_names)
+            words = config_options.pop("class_words", None)
+            if isinstance(words, dict):
+                options["class_words"].update(words)
+            elif words is not None:
+                options["class_words"] = words
+            class_names = options.pop("class_names")
+            config_options = {**options, **config_options}
+        if class_names is None:
+            raise ValueError("from_clip needs class_names (or a preset such as preset='clip-es-voc')")
 
         if isinstance(clip_model_or_path, str):
             path = clip_model_or_path

@@ -101,16 +101,15 @@ def train_clip_bpe(words: Iterable[str], num_merges: int = 600) -> tuple[dict[st
     return vocab, merges
 
 
-def save_clip_tokenizer(save_dir: str, words: Iterable[str] | None = None, num_merges: int = 600,
-                        model_max_length: int = 77):
-    """Train a tiny CLIP BPE on ``words`` (default: :func:`default_words`) and save a ``CLIPTokenizer`` folder.
+def write_clip_tokenizer(save_dir: str, vocab: dict[str, int], merges: list[tuple[str, str]],
+                         model_max_length: int = 77):
+    """Save a ``CLIPTokenizer`` folder (``vocab.json``, ``merges.txt``, tokenizer config) from a vocab and merges.
 
     Returns:
         the loaded ``CLIPTokenizer``.
     """
     from transformers import CLIPTokenizer
 
-    vocab, merges = train_clip_bpe(default_words() if words is None else words, num_merges)
     os.makedirs(save_dir, exist_ok=True)
     with open(os.path.join(save_dir, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
@@ -119,6 +118,50 @@ def save_clip_tokenizer(save_dir: str, words: Iterable[str] | None = None, num_m
     tokenizer = CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
     tokenizer.save_pretrained(save_dir)
     return tokenizer
+
+
+def save_clip_tokenizer(save_dir: str, words: Iterable[str] | None = None, num_merges: int = 600,
+                        model_max_length: int = 77):
+    """Train a tiny CLIP BPE on ``words`` (default: :func:`default_words`) and save a ``CLIPTokenizer`` folder.
+
+    Returns:
+        the loaded ``CLIPTokenizer``.
+    """
+    vocab, merges = train_clip_bpe(default_words() if words is None else words, num_merges)
+    return write_clip_tokenizer(save_dir, vocab, merges, model_max_length)
+
+
+OPENAI_CLIP_NUM_MERGES = 49152 - 256 - 2
+"""Merges OpenAI's CLIP keeps from its BPE file (vocabulary 49408 = 2 x 256 bytes + merges + 2 special tokens)."""
+
+
+def openai_clip_bpe(bpe_file: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocab and merges of OpenAI CLIP's tokenizer from its ``bpe_simple_vocab_16e6.txt.gz`` (MIT, OpenAI).
+
+    The file ships with OpenAI's ``clip`` package and inside the ``open_clip_torch`` wheel (``open_clip/``). Ids are
+    assigned as OpenAI's ``SimpleTokenizer`` does: bytes, word-final bytes, merges, ``<|startoftext|>``,
+    ``<|endoftext|>`` (49406, 49407).
+    """
+    import gzip
+
+    with gzip.open(bpe_file, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1: OPENAI_CLIP_NUM_MERGES + 1]
+    merges = [tuple(line.split()) for line in lines]
+    if len(merges) != OPENAI_CLIP_NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{bpe_file} is not OpenAI CLIP's BPE file: expected {OPENAI_CLIP_NUM_MERGES} merge lines")
+    base = list(bytes_to_unicode().values())
+    tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def save_openai_clip_tokenizer(bpe_file: str, save_dir: str):
+    """Write OpenAI CLIP's tokenizer as a ``CLIPTokenizer`` folder from its BPE file (see :func:`openai_clip_bpe`).
+
+    Returns:
+        the loaded ``CLIPTokenizer`` (the same ids as ``openai/clip-vit-base-patch16``'s tokenizer).
+    """
+    vocab, merges = openai_clip_bpe(bpe_file)
+    return write_clip_tokenizer(save_dir, vocab, merges, model_max_length=77)
 
 
 def tiny_clip_config(vocab_size: int, bos_token_id: int, eos_token_id: int, *, image_size: int = 32,

@@ -1,10 +1,13 @@
 """Class lists, POLE synonym candidates and background words shipped as data (PASCAL VOC 2012, COCO).
 
 Sources: PASCAL VOC 2012 devkit class order; CLIP-ES ``clip_text.py`` (hand-picked words, background words);
-POLE ``utils.py`` (candidate class words); CLIMS/POLE ``clip_utils.py`` (prompt words).
+POLE ``utils.py`` (candidate class words); CLIMS/POLE ``clip_utils.py`` (prompt words, background prompts). The
+papers' whole prompt settings are bundled as `PROMPT_PRESETS` (``"clip-es-voc"``, ``"pole-voc"``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 VOC_CLASSES: tuple[str, ...] = (
     'aeroplane',
@@ -336,3 +339,65 @@ DEFAULT_TEMPLATE: str = "a photo of a {}."
 def voc_synonyms() -> dict[str, list[str]]:
     """Return a fresh copy of POLE's VOC candidate words, keyed by VOC class name."""
     return {name: list(words) for name, words in VOC_SYNONYMS.items()}
+
+
+CLIMS_BACKGROUND_WORDS: tuple[str, ...] = ("tree", "river", "sea", "lake", "water", "railway", "railroad", "track",
+                                           "stone", "rocks")
+"""CLIMS's (and POLE's) 10 VOC background prompts are ``'a photo of {}.'`` of these words (``clip_utils.py``
+``background_dict['voc']``)."""
+
+CLIMS_TEMPLATE: str = "a photo of {}."
+"""CLIMS/POLE's prompt template (``'a photo of tree.'``, ``'a photo of dining table.'``)."""
+
+
+@dataclass(frozen=True)
+class PromptPreset:
+    """A published prompt setting: template, class words and background words, as one reproducible bundle.
+
+    Args:
+        name: the preset's name in `PROMPT_PRESETS` (`"clip-es-voc"`, `"pole-voc"`).
+        template: the prompt template with one `{}`.
+        class_words: `{class_name: word}` put in the prompt of each class.
+        background_words: words scored beside the classes, each formatted with `template`.
+        class_names: the dataset's class names, in mask-id order.
+        source: where the setting comes from.
+    """
+
+    name: str
+    template: str
+    class_words: dict[str, str]
+    background_words: tuple[str, ...]
+    class_names: tuple[str, ...]
+    source: str = field(default="", compare=False)
+
+    def config_options(self, class_names: list[str] | None = None) -> dict:
+        """`PoleConfig` fields of this preset for `class_names` (default: the preset's classes).
+
+        Classes the preset has no word for keep their own name; raises when it knows none of them.
+        """
+        names = list(class_names) if class_names is not None else list(self.class_names)
+        if not set(names) & set(self.class_words):
+            raise ValueError(f"preset {self.name!r} has words for {list(self.class_words)[:5]}..., none of the "
+                             f"classes {names[:5]}: use its dataset's class names or no preset")
+        return dict(class_names=names, template=self.template, background_words=list(self.background_words),
+                    class_words={n: self.class_words[n] for n in names if n in self.class_words})
+
+
+PROMPT_PRESETS: dict[str, PromptPreset] = {
+    "clip-es-voc": PromptPreset(
+        "clip-es-voc", CLIP_ES_TEMPLATE, dict(VOC_CLIP_ES_WORDS), CLIP_ES_BACKGROUND_WORDS, VOC_CLASSES,
+        "CLIP-ES (linyq2117/CLIP-ES clip_text.py, generate_cams_voc12.py): 'a clean origami {}.', its renamed VOC "
+        "words, its 25 background words"),
+    "pole-voc": PromptPreset(
+        "pole-voc", CLIMS_TEMPLATE, dict(VOC_PROMPT_WORDS), CLIMS_BACKGROUND_WORDS, VOC_CLASSES,
+        "CLIMS / POLE (clip_tools/clip_utils.py): 'a photo of {}.', CLIMS's VOC words (person -> player), its 10 "
+        "background prompts"),
+}
+"""Prompt settings of the papers `pole_hf` reproduces, by name (`PolePromptModel.from_clip(..., preset=name)`)."""
+
+
+def prompt_preset(name: str) -> PromptPreset:
+    """The preset called `name`; raises a `ValueError` listing the known presets otherwise."""
+    if name not in PROMPT_PRESETS:
+        raise ValueError(f"unknown prompt preset {name!r}: choose one of {sorted(PROMPT_PRESETS)}")
+    return PROMPT_PRESETS[name]
