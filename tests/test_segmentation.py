@@ -19,7 +19,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
 def run(args, processes=1, wait=True):
-    command = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    # --standalone: torchrun picks a free port (two-process jobs of other tests may run at the same time)
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
                if processes > 1 else [sys.executable]) + [SCRIPT, *TINY, *args]
     if not wait:
         return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -138,7 +139,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_bad_batch_size_is_one_line(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT, *TINY,
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, *TINY,
                "--num_images", "4", "--train_batch_size", "3", "--output_dir", str(tmp_path)]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
