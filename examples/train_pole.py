@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from pole_hf import CamEngine, PolePromptModel
+from pole_hf.atomic import atomic_write_text
 from pole_hf.bundled import TINY_CLIP
 from pole_hf.data.spec import SPEC_HELP, ExampleReader, class_names_of, load_dataset_spec
 from pole_hf.images import pixel_values as to_pixel_values
@@ -66,7 +67,10 @@ def parse_args(argv=None):
                              "every token of the class word")
     parser.add_argument("--learnable_tokens", default="all", choices=["all", "first"],
                         help="'first': POLE's DeFo-style variant, only the word's first token is learned")
-    parser.add_argument("--learn_context", action="store_true")
+    parser.add_argument("--learn_context", action="store_true", help="also learn the context (same as --learn both)")
+    parser.add_argument("--learn", default=None, choices=["class_tokens", "context", "both"],
+                        help="what the prompts learn: the class tokens (POLE/DeFo, the default), the context alone "
+                             "with the class tokens frozen (CoOp), or both")
     parser.add_argument("--use_adapters", action="store_true")
     parser.add_argument("--loss_weights", default="10,25,1", help="POLE's OTM,BTM,CBS weights")
     parser.add_argument("--loss_image_feature", default=None, choices=["pooled", "patch_mean"],
@@ -153,7 +157,8 @@ def build_model(args, class_names):
     if args.prompts:
         return PolePromptModel.from_pretrained(args.prompts)
     options = dict(class_token_length=args.class_token_length, learnable_tokens=args.learnable_tokens,
-                   learn_context=args.learn_context, use_adapters=args.use_adapters, preset=args.preset)
+                   learn_context=learned_parts(args) != {"class_tokens"},
+                   use_adapters=args.use_adapters, preset=args.preset)
     if args.class_words:
         options["class_words"] = json.loads(args.class_words)
     if args.background_words is not None:
@@ -163,6 +168,19 @@ def build_model(args, class_names):
 
         options["background_words"] = SyntheticWorld().background_kinds
     return PolePromptModel.from_clip(args.base or TINY_CLIP, class_names=class_names, **options)
+
+
+def learned_parts(args) -> set[str]:
+    """The prompt parts `--learn` (or `--learn_context`) trains: `class_tokens` and/or `context`."""
+    learn = args.learn or ("both" if args.learn_context else "class_tokens")
+    return {"class_tokens", "context"} if learn == "both" else {learn}
+
+
+def freeze_unlearned(model, parts: set[str]) -> None:
+    """CoOp: the class tokens stay as initialised (the official names) when only the context learns."""
+    model.prompt_learner.class_tokens.requires_grad_("class_tokens" in parts)
+    if model.prompt_learner.context is not None:
+        model.prompt_learner.context.requires_grad_("context" in parts)
 
 
 def load_candidates(args) -> dict | None:
@@ -215,7 +233,8 @@ def training_function(args) -> dict:
                                        progress=accelerator.is_main_process)
         selection.apply(model)
     data = PixelDataset(train_set, processor, (args.image_size, args.image_size))
-    params = model.learnable_parameters()
+    freeze_unlearned(model, learned_parts(args))
+    params = [p for p in model.learnable_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(data) / args.train_batch_size)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -327,7 +346,7 @@ def save_outputs(args, model, selection, result) -> None:
                 "learning rate": args.learning_rate, "loss weights (otm/btm/cbs)": "/".join(
                     f"{float(w):g}" for w in args.loss_weights.split(","))}
     card = render_model_card(model, datasets=[args.dataset.split(":")[0]], eval_results=evals, training=training)
-    card.save(os.path.join(args.output_dir, "README.md"))
+    atomic_write_text(os.path.join(args.output_dir, "README.md"), str(card))
 
 
 def main(argv=None):

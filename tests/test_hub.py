@@ -176,3 +176,12 @@ def test_push_to_a_stalling_hub_times_out_in_one_line(tiny_model, tmp_path, monk
         push_prompts_to_hub(tiny_model, "me/x", timeout=1)
     assert time.time() - start < 60
     server.socket.close()
+
+
+def test_a_hub_base_is_pinned_to_the_commit_it_was_loaded_from(local_hub, hub_base, tmp_path):
+    base_repo, sha = hub_base
+    model = PolePromptModel.from_clip(base_repo, class_names=["cat", "dog"], background_words=["sky"])
+    assert model.config.base_model_revision == sha
+    HfApi().upload_file(path_or_fileobj=b"{}", path_in_repo="extra.json", repo_id=base_repo)  # the base moves on
+    model.save_pretrained(tmp_path / "pinned")
+    assert PolePromptModel.from_pretrained(tmp_path / "pinned").config.base_model_revision == sha

@@ -8,12 +8,16 @@ from transformers import AutoConfig, AutoModel
 from .bundled import TINY_CLIP, TINY_PROMPTS
 from .cam import CamEngine, CamOutput
 from .configuration_pole import PoleConfig
+from .configuration_pole_cam_network import PoleCamNetworkConfig
 from .modeling_pole import PoleModelOutput, PolePromptModel
+from .modeling_pole_cam_network import PoleCamNetwork, PoleCamNetworkOutput
 
 __version__ = "0.1.0"
 
 AutoConfig.register(PoleConfig.model_type, PoleConfig, exist_ok=True)
 AutoModel.register(PoleConfig, PolePromptModel, exist_ok=True)
+AutoConfig.register(PoleCamNetworkConfig.model_type, PoleCamNetworkConfig, exist_ok=True)
+AutoModel.register(PoleCamNetworkConfig, PoleCamNetwork, exist_ok=True)
 
 from .pipeline_pole import PoleCamPipeline  # after the Auto registration; registers the "pole-cam" task
 
@@ -22,6 +26,9 @@ __all__ = [
     "TINY_PROMPTS",
     "CamEngine",
     "CamOutput",
+    "PoleCamNetwork",
+    "PoleCamNetworkConfig",
+    "PoleCamNetworkOutput",
     "PoleCamPipeline",
     "PoleConfig",
     "PoleModelOutput",

@@ -129,9 +129,12 @@ def cmd_select(args) -> None:
 
 
 def cmd_train(args, extra: list[str]) -> None:
-    script = find_example("train_pole.py")
-    command = ["accelerate", "launch", *args.launch_args.split(), script, *extra] if args.launch_args else \
-        [sys.executable, script, *extra]
+    if getattr(args, "route", "clip-es") == "camnet":  # the paper's route; its loop ships in the package
+        target = ["-m", "pole_hf.cam_network_training"]
+    else:
+        target = [find_example("train_pole.py")]
+    command = ["accelerate", "launch", *args.launch_args.split(), *target, *extra] if args.launch_args else \
+        [sys.executable, *target, *extra]
     code = subprocess.call(command)
     if code:
         raise CliError(f"training exited with code {code}")
@@ -261,9 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--refine", action="store_true", help="CLIP-ES's class-aware attention affinity (CAA)")
             p.add_argument("--out", default=None, help="write the result as JSON")
 
-    train = command("train", "run examples/train_pole.py (arguments after -- go to the script)")
+    train = command("train", "run examples/train_pole.py or, with --route camnet, the CAM network training "
+                             "(arguments after -- go to the script)")
     train.add_argument("--launch_args", default="",
                        help="accelerate launch options, e.g. '--multi_gpu --num_processes 2' (add --cpu after --)")
+    train.add_argument("--route", default="clip-es", choices=["clip-es", "camnet"],
+                       help="clip-es: learn prompts for GradCAM of CLIP (train_pole.py); camnet: train a CAM network "
+                            "through frozen CLIP (CLIMS / POLE, train_cam_network.py)")
 
     from .run import add_run_arguments
 

@@ -14,6 +14,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .atomic import atomic_save_png, atomic_write_text
 from .bundled import TINY_CLIP, TINY_PROMPTS
 
 VARIANT_COLOURS = {"official names": (150, 150, 150), "selected words": (70, 130, 200), "learned tokens": (220, 120,
@@ -85,7 +86,7 @@ def bar_chart(rows: dict[str, dict[str, float]], path: str, title: str) -> None:
         x = plot_right + 10
         draw.rectangle([x, y, x + 10, y + 10], fill=VARIANT_COLOURS.get(variant, (100, 100, 100)))
         draw.text((x + 15, y), variant, fill="black")
-    image.save(path)
+    atomic_save_png(path, image)
 
 
 def captioned_strip(tiles: list[Image.Image], captions: list[str], footer: str, scale: int = 2) -> Image.Image:
@@ -152,8 +153,8 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
     bar_chart({v: r["cam_iou"] for v, r in results.items()}, os.path.join(output_dir, "iou.png"),
               "CAM IoU per class (%) on held-out synthetic images")
     _write_overlays(models, heldout, processor, output_dir, overlay_mask)
-    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"results": results, "table": table, "seconds": time.time() - start}, f, indent=2)
+    atomic_write_text(os.path.join(output_dir, "results.json"),
+                      json.dumps({"results": results, "table": table, "seconds": time.time() - start}, indent=2))
     print(f"wrote {output_dir}/iou.png, overlays and results.json in {time.time() - start:.0f} s")
     return results
 
@@ -187,4 +188,5 @@ def _write_overlays(models, dataset, processor, output_dir, overlay_mask, count:
             tiles.append(overlay_mask(image, cams_to_mask(cams, [i + 1 for i in labels])))
         names = dataset.features["labels"].feature.names
         footer = "labels: " + ", ".join(names[i] for i in labels) if labels else "labels: none"
-        captioned_strip(tiles, ["image", *models], footer).save(os.path.join(output_dir, f"overlay_{index}.png"))
+        atomic_save_png(os.path.join(output_dir, f"overlay_{index}.png"), captioned_strip(tiles, ["image", *models],
+                                                                                         footer))

@@ -311,7 +311,7 @@ def load_mean_iou_metric(**kwargs):
 def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0, 2.0), thresholds=None,
                   refine: bool = False, progress: bool = True, class_names: Sequence[str] | None = None,
                   crf: bool = False) -> dict:
-    """CAM mIoU of a `PolePromptModel` over a dataset with masks, CLIP-ES style: ground-truth labels as targets,
+    """CAM mIoU of a `PolePromptModel` or a `PoleCamNetwork` over a dataset with masks, CLIP-ES style: ground-truth labels as targets,
     background `(1 - max cam) ** t` for each power (and fixed thresholds when given); the best setting is reported.
 
     Args:
@@ -332,12 +332,11 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
     """
     from tqdm.auto import tqdm
 
-    from .cam import CamEngine
     from .data.spec import iter_examples
-    from .pipeline_pole import load_image_processor
+    from .pipeline_pole import cam_engine, load_image_processor
 
     processor = processor or load_image_processor(model)
-    engine = CamEngine(model)
+    engine = cam_engine(model)  # GradCAM of a prompt model, or a CAM network's own multi-scale CAMs
     num_labels = model.config.num_classes + 1
     def build(with_crf: bool) -> list[ThresholdSweep]:
         built = [ThresholdSweep(num_labels, powers, mode="power", crf=with_crf)]

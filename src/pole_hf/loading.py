@@ -1,6 +1,8 @@
 """Saving and loading prompts like a PEFT adapter: config.json + a prompts-only safetensors beside a base CLIP reference.
 
-Nothing is ever unpickled: only safetensors files are read, and a repo that only offers a pickle is refused.
+No prompt file is ever unpickled: only safetensors files are read, and a prompts repo that only offers a pickle is
+refused. The base CLIP is loaded by transformers (safetensors when present; a `pytorch_model.bin`-only base goes
+through `torch.load(weights_only=True)`, which restores tensors and runs no code).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPModel
 from transformers.utils import cached_file
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_text
 from .configuration_pole import PoleConfig
 
 PROMPTS_FILE = "model.safetensors"
@@ -50,6 +52,17 @@ def load_base_clip(path: str | None, revision: str | None = None, subfolder: str
         raise OSError(f"could not load the base CLIP {path!r} (revision {revision}): {str(err).splitlines()[0]}") \
             from err
     return model.eval()
+
+
+def cached_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit a Hub repo's `config.json` was last fetched at (read from the local cache, works offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(found, str):
+        return None
+    parts = os.path.normpath(found).split(os.sep)
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
 def load_base_tokenizer(path: str | None, revision: str | None = None, subfolder: str = "", **hub_kwargs):
@@ -106,11 +119,7 @@ def save_prompts(model, save_directory: str | os.PathLike, include_base: bool = 
     tensors = {k: v.detach().contiguous().cpu() for k, v in prompt_state_dict(model).items()}
     with atomic_path(os.path.join(save_directory, PROMPTS_FILE)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "pole_hf": "prompts"})
-    if getattr(model, "_auto_class", None) is not None:
-        from transformers.dynamic_module_utils import custom_object_save
-
-        custom_object_save(model, save_directory, config=config)
-    config.save_pretrained(save_directory)
+    atomic_write_text(os.path.join(save_directory, "config.json"), config.to_json_string(use_diff=True))
     if push_to_hub:
         repo_id = kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
         model.push_to_hub(repo_id, **{k: v for k, v in kwargs.items() if k in ("token", "private", "revision",

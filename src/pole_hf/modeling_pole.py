@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,11 @@ class PolePromptModel(PreTrainedModel):
         from .bundled import is_tiny_clip
 
         reference = None if is_tiny_clip(path) else path  # the bundled CLIP is referred to as None, not a local path
+        if revision is None and reference and not os.path.isdir(reference):
+            # a Hub base is pinned to the commit it was loaded from, so the prompts always meet the same CLIP
+            from .loading import cached_commit
+
+            revision = cached_commit(reference)
         config = PoleConfig(base_model_name_or_path=reference, base_model_revision=revision,
                             clip_config=copy.deepcopy(clip_model.config), class_names=list(class_names), **config_options)
         return cls(config, clip_model=clip_model, tokenizer=tokenizer)
@@ -160,6 +166,16 @@ class PolePromptModel(PreTrainedModel):
         from .loading import load_prompts
 
         return load_prompts(cls, pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Not supported: prompts load through `pole_hf` (`pip install pole_hf`), not as remote code.
+
+        A `trust_remote_code` copy would need the whole package beside every prompt repo (the model's code spans
+        configuration, prompt learner, CAM engine and loading, and the default base is bundled data).
+        """
+        raise NotImplementedError("PolePromptModel cannot be registered as remote code: users load prompts with "
+                                  "pole_hf installed (pip install pole_hf; import pole_hf; AutoModel.from_pretrained)")
 
     def save_pretrained(self, save_directory, include_base: bool = False, push_to_hub: bool = False, **kwargs):
         """Save config.json and a prompts-only model.safetensors (the base CLIP only with `include_base=True`)."""

@@ -104,18 +104,20 @@ def flatten_pairs(cams, num_images: int, image_indices=None) -> tuple[torch.Tens
 
 
 def masked_images(pixel_values: torch.Tensor, cams, image_indices=None, size: tuple[int, int] | None = None,
-                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
+                  detach: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground and background images ``P_k * x`` and ``(1 - P_k) * x`` for every (image, class) pair.
 
     Args:
         pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`): processed (normalised) images.
         cams: the maps, in any layout of [`flatten_pairs`]; resized (bilinear) to the images, clipped to [0, 1],
-            detached.
+            detached unless `detach=False`.
         image_indices: the image of each map for the ``[P, h, w]`` layout.
         size: resize images and maps to this `(height, width)` first (CLIMS squashes both to CLIP's 224).
         image_mean, image_std: when given, masking happens in [0, 1] pixel space (masked-out parts turn black,
             as in POLE's masked images); otherwise on the normalised values as CLIMS does (they turn the mean colour).
+        detach: cut the maps from the graph (prompt learning); `False` lets gradients reach the maps (CLIMS's CAM
+            network learns through the masks).
 
     Returns:
         ``(fg, bg)``, each ``[P, 3, H, W]`` (or ``size``), pairs in `flatten_pairs` order.
@@ -124,7 +126,7 @@ def masked_images(pixel_values: torch.Tensor, cams, image_indices=None, size: tu
     pixels = pixel_values.detach()
     if size is not None and tuple(pixels.shape[-2:]) != tuple(size):
         pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
-    maps = maps.detach().to(device=pixels.device, dtype=pixels.dtype)[:, None]
+    maps = (maps.detach() if detach else maps).to(device=pixels.device, dtype=pixels.dtype)[:, None]
     if tuple(maps.shape[-2:]) != tuple(pixels.shape[-2:]):
         maps = F.interpolate(maps, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
     maps = maps.clamp(0, 1)

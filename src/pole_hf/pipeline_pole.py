@@ -21,8 +21,14 @@ from .masks import class_scores, crf_refine, mask_to_image, overlay, scores_to_m
 
 
 def load_image_processor(model):
-    """The base CLIP's image processor (from the base's folder or repo, or the bundled tiny CLIP)."""
+    """The base CLIP's image processor (from the base's folder or repo, or the bundled tiny CLIP); for a
+    [`PoleCamNetwork`], its normalisation (`config.image_mean` / `image_std`)."""
     from transformers import AutoImageProcessor
+
+    if is_cam_network(model):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(image_mean=list(model.config.image_mean), image_std=list(model.config.image_std))
 
     from .loading import resolve_base_path
 
@@ -33,15 +39,30 @@ def load_image_processor(model):
                                               revision=config.base_model_revision)
 
 
+def is_cam_network(model) -> bool:
+    """Whether `model` is a [`PoleCamNetwork`] (CAMs from the network, not GradCAM of CLIP)."""
+    return getattr(model.config, "model_type", None) == "pole_cam_network"
+
+
+def cam_engine(model):
+    """The CAM engine of a model: [`CamEngine`] (GradCAM) for a prompt model, the network's own for a CAM network."""
+    if is_cam_network(model):
+        from .modeling_pole_cam_network import CamNetworkEngine
+
+        return CamNetworkEngine(model)
+    return CamEngine(model)
+
+
 class PoleCamPipeline(Pipeline):
-    """CLIP-ES CAMs of a [`PolePromptModel`] as a transformers pipeline.
+    """CLIP-ES CAMs of a [`PolePromptModel`] (or the CAMs of a [`PoleCamNetwork`]) as a transformers pipeline.
 
     Call arguments:
         images: a path, URL, PIL image, numpy array, a dict `{"image": ..., "labels": [...]}`, or a list of these.
         labels (`list[str]` or `list[list[str]]`, *optional*): the image's classes (one list per image for a list
             of images); predicted with `config.prediction_threshold` when omitted.
         refine (`bool`, defaults to `False`): class-aware attention affinity refinement.
-        scales (`tuple[float]`, defaults to `(1.0,)`), flip (`bool`): multi-scale / flip averaging.
+        scales (`tuple[float]`, defaults to `(1.0,)`; a CAM network's `config.cam_scales`), flip (`bool`; a CAM
+            network's `config.cam_flip`): multi-scale / flip averaging.
         background (`str`, defaults to `"power"`), bg_power (`float`, 1.0), bg_threshold (`float`, 0.5): background
             score `(1 - max cam) ** bg_power` or the fixed `bg_threshold`.
         crf (`bool`, defaults to `False`): dense CRF on the class scores (needs `pip install pole_hf[crf]`).
@@ -61,7 +82,7 @@ class PoleCamPipeline(Pipeline):
         super().__init__(model=model, image_processor=image_processor, **kwargs)
         if self.image_processor is None:
             self.image_processor = load_image_processor(self.model)
-        self.engine = CamEngine(self.model)
+        self.engine = cam_engine(self.model)
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
         # images of different sizes do not stack: `batch_size` is accepted and each image is computed on its own
@@ -116,11 +137,13 @@ class PoleCamPipeline(Pipeline):
         indices = None if labels is None else class_indices(labels, names, allow_empty=False)
         return {"image": image, "class_indices": indices}
 
-    def _forward(self, model_inputs, refine=False, scales=(1.0,), flip=False, caa_layers=CAA_LAYERS,
+    def _forward(self, model_inputs, refine=False, scales=None, flip=None, caa_layers=CAA_LAYERS,
                  max_side=MAX_SIDE):
+        if not is_cam_network(self.model):  # GradCAM's defaults; a CAM network keeps its config's
+            scales, flip = (1.0,) if scales is None else scales, bool(flip)
         output = self.engine(model_inputs["image"], self.image_processor, model_inputs["class_indices"],
-                             scales=tuple(scales), flip=flip, refine=refine, max_side=max_side,
-                             caa_layers=caa_layers)
+                             scales=None if scales is None else tuple(scales), flip=flip, refine=refine,
+                             max_side=max_side, caa_layers=caa_layers)
         return {"image": model_inputs["image"], "cam_output": output}
 
     def postprocess(self, model_outputs, background="power", bg_power=1.0, bg_threshold=0.5, crf=False,

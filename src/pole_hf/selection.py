@@ -353,6 +353,35 @@ def select_class_words(model, images_and_labels: Iterable, candidates: Mapping[s
     return result
 
 
+def pair_words(result: SelectionResult) -> dict[tuple[int, str], str]:
+    """Each (image position, class name) pair's chosen word, as POLE trains with them (not the dataset vote)."""
+    return {(c.image, c.class_name): c.word for c in result.choices}
+
+
+def with_pair_words(dataset, result: SelectionResult, column: str = "class_words"):
+    """`dataset` with a `column` of per-image word lists, one word per label in sorted label order, from a
+    selection run over the same rows (positions); training reads each pair's word from it.
+
+    Raises:
+        ValueError: a labelled (image, class) pair the selection did not score, naming the first one.
+    """
+    names = dataset.features["labels"].feature.names
+    chosen = pair_words(result)
+    rows = []
+    for position, labels in enumerate(dataset["labels"]):
+        words = []
+        for index in sorted(set(labels)):
+            word = chosen.get((position, names[index]))
+            if word is None:
+                raise ValueError(f"the selection has no word for image {position}, class {names[index]!r}: run the "
+                                 "selection over the same dataset rows (same --num_images and seed)")
+            words.append(word)
+        rows.append(words)
+    if column in dataset.column_names:
+        dataset = dataset.remove_columns(column)
+    return dataset.add_column(column, rows)
+
+
 __all__ = [
     "ClassSummary",
     "SelectionResult",
@@ -360,6 +389,8 @@ __all__ = [
     "candidate_text_features",
     "clip_input_size",
     "masked_pixel_values",
+    "pair_words",
     "resolve_candidates",
     "select_class_words",
+    "with_pair_words",
 ]

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     "check_trackers",
     "checkpoint_step",
+    "epoch_batches",
     "latest_checkpoint",
     "load_checkpoint",
     "log_run_start",
@@ -197,3 +198,18 @@ def _share(size: int, rank: int, world: int) -> slice:
 def split_sizes(size: int, world: int) -> Sequence[int]:
     """Item counts of each process for a global batch of `size` (the slices of `process_share`)."""
     return [(_share(size, rank, world).stop - _share(size, rank, world).start) for rank in range(world)]
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, process_index: int = 0,
+                  num_processes: int = 1) -> list[list[int]]:
+    """This process's share of every global batch of one epoch: the same shuffled global batches for any number of
+    processes (a permutation seeded by `seed` and `epoch`), each split by position as [`process_share`] splits.
+
+    The last global batch may be smaller; a process whose part is empty still gets an (empty) entry, so every
+    process runs the same number of steps. accelerate's `split_batches` sampler orders batches differently for
+    different process counts and drops a process's share of an uneven last batch, which this avoids.
+    """
+    generator = torch.Generator().manual_seed(int(seed) * 100003 + int(epoch))
+    order = torch.randperm(num_items, generator=generator).tolist()
+    batches = (order[start:start + batch_size] for start in range(0, num_items, batch_size))
+    return [batch[_share(len(batch), process_index, num_processes)] for batch in batches]
