@@ -10,6 +10,8 @@ names are the ids made safe (`pole_hf.naming`: path parts joined by ``__``, neve
 the data, the CAM options): a rerun with the same settings skips images whose two files exist; with other settings
 it is refused unless ``--overwrite`` (which recomputes). Unreadable images are logged and skipped; ``summary.json``
 counts them and, when the dataset has masks, gives CAM-mask mIoU over every finished image.
+At the end ``dataset/`` holds the masks with their images and labels as a ``datasets.Dataset``
+(``pole_hf.segmentation.load_pseudo_masks(output_dir)``; the segmentation stage reads it with ``--masks``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pole_hf.data.spec import (
 )
 from pole_hf.evaluation import ConfusionMatrix
 from pole_hf.loading import load_prompt_model
-from pole_hf.masks import cams_to_mask, image_to_mask, mask_to_image
+from pole_hf.masks import cams_to_mask, class_scores, crf_refine, image_to_mask, mask_to_image, scores_to_mask
 from pole_hf.naming import confined_path, output_stems
 from pole_hf.pipeline_pole import load_image_processor
 from pole_hf.training import log_run_start
@@ -57,6 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="train")
     parser.add_argument("--num_images", type=int, default=None, help="first N images only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
+    parser.add_argument("--image_size", type=int, default=96, help="side of the synthetic world's images")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--refine", action="store_true", help="class-aware attention affinity (CAA)")
     parser.add_argument("--box_edges", choices=("clip_es", "full"), default="clip_es",
@@ -64,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--flip", action="store_true")
     parser.add_argument("--bg_power", type=float, default=1.0, help="background = (1 - max cam) ** bg_power")
+    parser.add_argument("--crf", action="store_true", help="dense CRF on the class scores before the argmax "
+                        "(CLIP-ES' pseudo masks; needs pydensecrf2)")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute everything when the folder holds results of other settings")
     parser.add_argument("--cpu", action="store_true")
@@ -80,7 +85,7 @@ def main(argv=None) -> dict:
     processor = load_image_processor(model)
     engine = CamEngine(model)
     dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
-                                class_names=model.config.class_names)
+                                image_size=args.image_size, class_names=model.config.class_names)
     names = class_names_of(dataset)
     if names != model.config.class_names:
         raise SystemExit(f"the dataset's classes {names} differ from the model's {model.config.class_names}")
@@ -123,7 +128,12 @@ def main(argv=None) -> dict:
                 cams = output.cams.numpy()
             else:
                 cams = np.zeros((0, example.image.size[1], example.image.size[0]), np.float32)
-            pred = cams_to_mask(cams, [i + 1 for i in labels], background="power", bg_power=args.bg_power)
+            ids = [i + 1 for i in labels]
+            if args.crf and labels:
+                scores = class_scores(cams, background="power", bg_power=args.bg_power)
+                pred = scores_to_mask(crf_refine(np.asarray(example.image), scores), ids)
+            else:
+                pred = cams_to_mask(cams, ids, background="power", bg_power=args.bg_power)
             atomic_save_npy(cam_path, cams.astype(np.float16))
             atomic_save_png(mask_path, mask_to_image(pred))
             computed += 1
@@ -135,17 +145,23 @@ def main(argv=None) -> dict:
                                 reduction="sum").tolist()
     skipped_all = accelerator.gather_for_metrics(skipped, use_gather_object=True)
     summary = {"images": len(dataset), "resumed": counts[0], "computed": counts[1], "skipped": counts[2],
-               "skipped_ids": sorted(skipped_all)}
+               "skipped_ids": sorted(skipped_all), "model": args.model or (f"preset {args.preset}" if args.preset
+                                                                      else "pole_hf bundled tiny prompts")}
     if totals.sum() > 0:
         merged = ConfusionMatrix(len(names) + 1)
         merged.matrix = totals
         summary["miou"] = float(merged.miou())
         summary["per_class_iou"] = dict(zip(["background", *names], map(float, merged.iou())))
     if accelerator.is_main_process:
+        # stage 3's input: the masks with their images and labels as a datasets.Dataset, before summary.json
+        from pole_hf.segmentation import save_pseudo_mask_dataset
+
+        masks = save_pseudo_mask_dataset(dataset, mask_dir, stems, args.output_dir,
+                                         description=f"pseudo masks of {args.dataset} by {summary['model']}")
         atomic_write_text(os.path.join(args.output_dir, "summary.json"), json.dumps(summary, indent=2))
         logger.info("summary: %s", {k: v for k, v in summary.items() if k != "per_class_iou"})
         if args.push_to_hub:
-            push_cam_dataset(args.output_dir, args.push_to_hub)
+            masks.push_to_hub(args.push_to_hub)
     accelerator.wait_for_everyone()
     return summary
 
@@ -164,7 +180,8 @@ def run_settings(args, model) -> dict:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return {"prompts_sha256": digest.hexdigest(), "dataset": args.dataset, "split": args.split, "seed": args.seed,
-            "refine": args.refine, "scales": list(args.scales), "flip": args.flip, "bg_power": args.bg_power}
+            "refine": args.refine, "scales": list(args.scales), "flip": args.flip, "bg_power": args.bg_power,
+            "crf": args.crf, "image_size": args.image_size}
 
 
 def check_settings(output_dir: str, settings: dict, overwrite: bool, folders) -> bool:
@@ -188,18 +205,6 @@ def check_settings(output_dir: str, settings: dict, overwrite: bool, folders) ->
                          f"({details or 'other prompts'}): pass --overwrite to recompute them, or use a new "
                          "--output_dir")
     return bool(changed)
-
-
-def push_cam_dataset(output_dir: str, repo_id: str) -> None:
-    """Push the generated pseudo masks (and CAM file names) as a Hub dataset with `Dataset.push_to_hub`."""
-    import datasets
-
-    mask_dir = os.path.join(output_dir, "masks")
-    ids = sorted(name[:-4] for name in os.listdir(mask_dir) if name.endswith(".png"))
-    records = {"id": ids, "mask": [os.path.join(mask_dir, f"{i}.png") for i in ids],
-               "cams_file": [f"cams/{i}.npy" for i in ids]}
-    dataset = datasets.Dataset.from_dict(records).cast_column("mask", datasets.Image())
-    dataset.push_to_hub(repo_id)
 
 
 if __name__ == "__main__":

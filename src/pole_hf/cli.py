@@ -1,4 +1,4 @@
-"""`pole-hf` command line: demo, cam, select, train, eval, push, pull.
+"""`pole-hf` command line: demo, cam, select, train, eval, push, pull, run (labels to a segmentation model).
 
 Exit codes: 0 success, 1 a runtime error (printed as one line), 2 a usage error.
 """
@@ -141,9 +141,11 @@ def cmd_train(args, extra: list[str]) -> None:
 
 
 def find_example(name: str) -> str:
-    """Path of a script in the repository's `examples/` (a source checkout) or `$POLE_HF_EXAMPLES`."""
+    """Path of a script in `$POLE_HF_EXAMPLES`, the repository's `examples/` (a source checkout) or the copy a wheel
+    installs into `{sys.prefix}/share/pole_hf/examples`."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for folder in (os.environ.get("POLE_HF_EXAMPLES"), os.path.join(here, "..", "..", "examples")):
+    installed = os.path.join(sys.prefix, "share", "pole_hf", "examples")
+    for folder in (os.environ.get("POLE_HF_EXAMPLES"), os.path.join(here, "..", "..", "examples"), installed):
         if folder and os.path.isfile(os.path.join(folder, name)):
             return os.path.abspath(os.path.join(folder, name))
     raise CliError(f"examples/{name} not found: run from a source checkout or set POLE_HF_EXAMPLES to its folder")
@@ -172,7 +174,17 @@ def cmd_pull(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(output_dir=args.out, num_images=args.num_images, base=args.base, progress=not args.quiet)
+    run_demo(output_dir=args.out, num_images=args.num_images, base=args.base, progress=not args.quiet,
+             full=args.full)
+
+
+def cmd_run(args) -> None:
+    from .run import StageError, run_pipeline
+
+    try:
+        run_pipeline(args)
+    except StageError as err:
+        raise CliError(str(err)) from None
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="pole-demo", help="output folder (overlays, chart, table)")
     demo.add_argument("--num_images", type=positive_int, default=100, help="held-out synthetic images to score")
     demo.add_argument("--base", default=None, help="another base CLIP (its classes must fit the synthetic world)")
+    demo.add_argument("--full", action="store_true", help="also train a segmentation model on each variant's "
+                      "pseudo masks (the last column; ~10 minutes per variant on 2 CPU cores)")
 
     cam = command("cam", "CAMs, pseudo masks and overlays for images")
     cam.add_argument("images", nargs="+", help="image files, folders of images, or http(s) URLs")
@@ -257,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--route", default="clip-es", choices=["clip-es", "camnet"],
                        help="clip-es: learn prompts for GradCAM of CLIP (train_pole.py); camnet: train a CAM network "
                             "through frozen CLIP (CLIMS / POLE, train_cam_network.py)")
+
+    from .run import add_run_arguments
+
+    add_run_arguments(command("run", "labels to a segmentation model: select words, learn prompts, pseudo masks, "
+                              "segmentation training, val mIoU (resumable)"))
 
     push = command("push", "push a prompts folder to the Hub")
     push.add_argument("folder", help="a saved prompts folder")
@@ -297,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         hf_logging.disable_progress_bar()
     handlers = {"cam": cmd_cam, "eval": cmd_eval, "select": cmd_select, "push": cmd_push, "pull": cmd_pull,
-                "demo": cmd_demo}
+                "demo": cmd_demo, "run": cmd_run}
     try:
         if args.command == "train":
             cmd_train(args, extra)

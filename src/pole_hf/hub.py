@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
 
 TEMPLATE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_cards", "pole_prompts.md")
+SEGMENTATION_TEMPLATE_PATH = os.path.join(os.path.dirname(TEMPLATE_PATH), "segmentation.md")
 TAGS = ["weakly-supervised-semantic-segmentation", "clip", "prompt-learning", "pole_hf"]
 SELECTION_FILE = "selection.json"
-METRIC_NAMES = {"cam_miou": "CAM mIoU", "mask_miou": "Pseudo-mask mIoU"}
+METRIC_NAMES = {"cam_miou": "CAM mIoU", "mask_miou": "Pseudo-mask mIoU", "val_miou": "Segmentation mIoU"}
 
 
 @dataclass
@@ -84,6 +85,54 @@ def render_model_card(model, repo_id: str | None = None, datasets: Sequence[str]
         eval_rows=[dict(name=METRIC_NAMES.get(r.metric, r.metric), dataset=r.dataset_name or r.dataset,
                         split=r.split, value=f"{r.value:.2f}", background=r.background or "-") for r in eval_results],
         training=sorted(training_rows.items()),
+    )
+
+
+def render_segmentation_card(model, dataset: str, val_miou: float, val_split: str = "val",
+                             val_images: int | None = None, pseudo_mask_miou: float | None = None,
+                             masks_from: str | None = None, repo_id: str | None = None,
+                             base_model: str | None = None, training: dict | None = None,
+                             license: str | None = "apache-2.0") -> ModelCard:
+    """Render the card of a segmentation model trained on pseudo masks (stage 3) from the package template.
+
+    Args:
+        model: the trained transformers model (its `config.id2label` lists the classes).
+        dataset: the dataset id or name (`"synthetic"`, `"voc2012"`...).
+        val_miou: val mIoU in percent, against ground truth (`model-index`).
+        val_split: the split it was measured on.
+        val_images: how many images were scored.
+        pseudo_mask_miou: mIoU in percent of the training pseudo masks against ground truth (`model-index`, train).
+        masks_from: the prompts repo / folder or CAM network the masks came from; `"ground truth"` (or None) for a
+            model trained on ground-truth masks.
+        repo_id: the repo the card is for (used in the usage snippet).
+        base_model: the checkpoint the model started from (a Hub id), or None for random weights.
+        training: training settings to list.
+        license: the card's license field.
+    """
+    import pole_hf
+
+    weakly = bool(masks_from) and masks_from != "ground truth"
+    hub_base = base_model if base_model and not os.path.isdir(base_model) else None
+    evals = [PoleEvalResult("val_miou", val_miou, dataset, val_split)]
+    if pseudo_mask_miou is not None:
+        evals.append(PoleEvalResult("mask_miou", pseudo_mask_miou, dataset, "train"))
+    name = repo_id.split("/")[-1] if repo_id else "pole-segmentation"
+    card_data = ModelCardData(
+        base_model=hub_base, library_name="transformers", license=license, datasets=[dataset],
+        pipeline_tag="image-segmentation", model_name=name, eval_results=[r.to_hub() for r in evals],
+        tags=[*TAGS[:1], "semantic-segmentation", "pole_hf"] if weakly else ["semantic-segmentation", "pole_hf"],
+    )
+    rows = dict(training or {})
+    rows.setdefault("pole_hf version", pole_hf.__version__)
+    counts = {"val_miou": val_images}
+    return ModelCard.from_template(
+        card_data, template_path=SEGMENTATION_TEMPLATE_PATH, model_name=name, repo_id=repo_id or "path/to/model",
+        architecture=type(model).__name__, weakly_supervised=weakly, masks_from=masks_from,
+        pseudo_mask_miou=f"{pseudo_mask_miou:.2f}" if pseudo_mask_miou is not None else None, base_model=hub_base,
+        labels=", ".join(f"{i} {label}" for i, label in sorted(model.config.id2label.items())),
+        eval_rows=[dict(name=METRIC_NAMES[r.metric], dataset=r.dataset, split=r.split,
+                        images=counts.get(r.metric) or "-", value=f"{r.value:.2f}") for r in evals],
+        training=sorted((k, str(v)) for k, v in rows.items()),
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "load_checkpoint",
     "log_run_start",
     "process_share",
+    "prune_checkpoints",
     "save_checkpoint",
 ]
 
@@ -125,6 +126,22 @@ def latest_checkpoint(output_dir: str) -> str | None:
     found = [d for d in os.listdir(output_dir)
              if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
     return os.path.join(output_dir, max(found, key=checkpoint_step)) if found else None
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
+    """Delete all but the `keep` newest `checkpoint_{step}` folders of `output_dir` (keep <= 0 keeps all).
+
+    Returns:
+        The deleted folders.
+    """
+    if keep <= 0 or not os.path.isdir(output_dir):
+        return []
+    found = sorted((d for d in os.listdir(output_dir) if d.startswith(CHECKPOINT_PREFIX)
+                    and d[len(CHECKPOINT_PREFIX):].isdigit()), key=checkpoint_step)
+    removed = [os.path.join(output_dir, d) for d in found[:-keep]]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
