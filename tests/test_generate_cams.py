@@ -134,3 +134,19 @@ def test_rerun_with_other_settings_is_refused_or_recomputed(world_prompts, tmp_p
     summary = launch([*args, "--refine", "--overwrite"])
     assert (summary["computed"], summary["resumed"]) == (3, 0)
     assert launch([*args, "--refine"])["resumed"] == 3
+
+
+def test_pushed_dataset_holds_its_images_labels_and_masks(world_prompts, tmp_path, local_hub):
+    import datasets
+
+    from pole_hf.data import SyntheticWorld
+
+    out = tmp_path / "out"
+    run_script(SCRIPT, ["--model", world_prompts, "--dataset", "synthetic", "--num_images", "3", "--output_dir",
+                        str(out), "--push_to_hub", f"{local_hub.user}/cam-masks"], env=dict(os.environ))
+    pushed = datasets.load_dataset(f"{local_hub.user}/cam-masks", split="train")
+    assert len(pushed) == 3 and {"image", "labels", "mask"} <= set(pushed.column_names)
+    assert pushed.features["labels"].feature.names == SyntheticWorld().class_names
+    row = pushed[0]
+    assert row["image"].size == row["mask"].size  # real pixels in the repo, no paths to files that were not uploaded
+    assert not [c for c in pushed.column_names if c.endswith(("_file", "_path"))]

@@ -40,16 +40,16 @@ class MaskEngine:
     def __init__(self, model):
         pass
 
-    def __call__(self, image, processor, labels, refine=False):
+    def __call__(self, image, processor, labels, refine=False, **options):
         red = np.asarray(image)[..., 0].astype(np.int64)
         cams = np.stack([(red == 40 * (label + 1)).astype(np.float32) for label in labels])
         return type("Out", (), {"cams": torch.from_numpy(cams)})()
 
 
 def test_evaluate_cams_scores_perfect_maps_as_perfect(tiny_model, monkeypatch):
-    import pole_hf.cam
+    import pole_hf.pipeline_pole
 
-    monkeypatch.setattr(pole_hf.cam, "CamEngine", MaskEngine)
+    monkeypatch.setattr(pole_hf.pipeline_pole, "cam_engine", MaskEngine)
     masks = [np.array([[0, 1, 1, 0], [0, 3, 3, 0], [0, 0, 0, 0]], np.uint8),
              np.array([[2, 2, 0, 0], [2, 2, 0, 1], [0, 0, 0, 1]], np.uint8)]
     images = [Image.fromarray(np.stack([m.astype(np.uint8) * 40] * 3, -1)) for m in masks]
