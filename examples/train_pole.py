@@ -183,17 +183,6 @@ def freeze_unlearned(model, parts: set[str]) -> None:
         model.prompt_learner.context.requires_grad_("context" in parts)
 
 
-def load_candidates(args) -> dict | None:
-    if args.candidates:
-        with open(args.candidates, encoding="utf-8") as f:
-            return json.load(f)
-    if args.dataset.startswith("synthetic"):
-        from pole_hf.data import SyntheticWorld
-
-        return SyntheticWorld().candidates
-    return None
-
-
 def pair_count(labels) -> int:
     return sum(len(item) for item in labels)
 
@@ -226,10 +215,10 @@ def training_function(args) -> dict:
     processor = load_image_processor(model)
     selection = None
     if args.select:
-        from pole_hf.selection import select_class_words
+        from pole_hf.selection import load_candidates, select_class_words
 
         subset = train_set.select(range(min(args.select_images, len(train_set))))
-        selection = select_class_words(model, subset, candidates=load_candidates(args), processor=processor,
+        selection = select_class_words(model, subset, candidates=load_candidates(args.candidates, args.dataset), processor=processor,
                                        progress=accelerator.is_main_process)
         selection.apply(model)
     data = PixelDataset(train_set, processor, (args.image_size, args.image_size))

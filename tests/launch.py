@@ -7,8 +7,10 @@ line (`pole_hf.training.log_run_start`), which `world_size` reads back.
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -23,7 +25,8 @@ def launch_command(script: str, processes: int = 1) -> list[str]:
     if processes == 1:
         return [sys.executable, script, "--cpu"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, "--cpu"]
+            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+            script, "--cpu"]
 
 
 def world_size(log: str) -> int:
@@ -43,3 +46,13 @@ def run_script(script: str, args: list[str], processes: int = 1, wait: bool = Tr
     assert result.returncode == 0, result.stderr[-3000:]
     assert world_size(result.stderr) == processes
     return result
+
+
+def kill_when(process: subprocess.Popen, path, timeout: float = 300) -> None:
+    """SIGKILL `process` as soon as `path` exists (e.g. its 4th checkpoint), as a killed job; fails if it never does."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert os.path.exists(path), process.stderr.read().decode()[-2000:] if process.stderr else f"{path} never appeared"

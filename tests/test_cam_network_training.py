@@ -2,13 +2,12 @@
 per-pair words reach training, errors are one line."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from launch import kill_when
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,11 +57,7 @@ def test_killed_run_resumes_at_the_same_step_and_data_position(tmp_path):
     run([*args, "--output_dir", str(tmp_path / "straight")])
     killed = tmp_path / "killed"
     process = run([*args, "--output_dir", str(killed)], wait=False)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint_4").is_dir() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(process, killed / "checkpoint_4")
     assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
     run([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
     assert_same(weights(killed), weights(tmp_path / "straight"), atol=1e-6)

@@ -3,13 +3,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
+from launch import kill_when
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,11 +123,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     run([*args, "--output_dir", str(tmp_path / "straight")])
     killed = tmp_path / "killed"
     process = run([*args, "--output_dir", str(killed)], wait=False)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint_4").is_dir() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(process, killed / "checkpoint_4")
     assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
     resumed = run([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
     assert "resumed from" in resumed.stderr

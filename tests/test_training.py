@@ -2,14 +2,12 @@
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from launch import run_script
+from launch import kill_when, run_script
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,11 +74,7 @@ def test_killed_run_resumes_to_the_same_tokens(world_base, tmp_path):
     run([*args, "--output_dir", str(tmp_path / "straight")])
     killed = tmp_path / "killed"
     process = run([*args, "--output_dir", str(killed)], wait=False)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint_4").is_dir() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(process, killed / "checkpoint_4")
     assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
     run([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
     torch.testing.assert_close(tokens(killed), tokens(tmp_path / "straight"), atol=1e-6, rtol=0)

@@ -25,13 +25,21 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .cam_network_objective import (CLASSIFICATION_SETTINGS, CLIMS_BACKGROUND_WORDS, CLIMS_SETTINGS,
-                                    PROMPT_VARIANTS, TINY_CLASSIFICATION_SETTINGS, TINY_CLIMS_SETTINGS,
-                                    CamNetworkObjective, freeze_for_variant, variant_options)
+from .cam_network_objective import (
+    CLASSIFICATION_SETTINGS,
+    CLIMS_BACKGROUND_WORDS,
+    CLIMS_SETTINGS,
+    PROMPT_VARIANTS,
+    TINY_CLASSIFICATION_SETTINGS,
+    TINY_CLIMS_SETTINGS,
+    CamNetworkObjective,
+    freeze_for_variant,
+    variant_options,
+)
 from .data.spec import SPEC_HELP, ExampleReader, class_names_of, load_dataset_spec
 from .images import pixel_values as to_pixel_values
-from .training import (check_trackers, epoch_batches, latest_checkpoint, load_checkpoint, log_run_start,
-                       save_checkpoint)
+from .selection import load_candidates
+from .training import check_trackers, epoch_batches, latest_checkpoint, load_checkpoint, log_run_start, save_checkpoint
 
 logger = logging.getLogger("train_cam_network")
 SYNTHETIC_IMAGE_SIZE = 128
@@ -188,19 +196,6 @@ def load_training_set(args):
     return train_set
 
 
-def candidate_words(args) -> dict | None:
-    if args.candidates:
-        import json
-
-        with open(args.candidates, encoding="utf-8") as f:
-            return json.load(f)
-    if args.dataset.startswith("synthetic"):
-        from .data import SyntheticWorld
-
-        return SyntheticWorld().candidates
-    return None
-
-
 def select_pair_words(network, prompt_model, dataset, candidates=None, progress: bool = True):
     """POLE's selection per (image, class) with the CAM network's CAMs masking the images (base CLIP scores).
 
@@ -228,7 +223,7 @@ def run_selection(args) -> dict:
     class_names = class_names_of(train_set)
     network = build_network(args, class_names)
     prompt_model = build_prompt_model(args, class_names)
-    result = select_pair_words(network, prompt_model, train_set, candidate_words(args))
+    result = select_pair_words(network, prompt_model, train_set, load_candidates(args.candidates, args.dataset))
     os.makedirs(args.output_dir, exist_ok=True)
     result.save(os.path.join(args.output_dir, "selection.json"))
     print(f"train_cam_network: {len(result.choices)} (image, class) words in {args.output_dir}/selection.json; "

@@ -165,6 +165,21 @@ class SelectionResult:
         return cls.from_dict(data)
 
 
+def load_candidates(path: str | None, dataset_spec: str = "") -> dict[str, list[str]] | None:
+    """Candidate words for a script's `--candidates`: the JSON file `{class: [words]}` at `path`; without one, the
+    synthetic world's caption words for a `synthetic` spec, else None (POLE's VOC synonyms apply by default)."""
+    if path:
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    if dataset_spec.startswith("synthetic"):
+        from .data import SyntheticWorld
+
+        return SyntheticWorld().candidates
+    return None
+
+
 def resolve_candidates(model, candidates: Mapping[str, str | Sequence[str]] | None = None) -> dict[str, list[str]]:
     """Candidate words per class of `model`, in class order.
 
