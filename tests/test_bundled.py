@@ -69,3 +69,15 @@ def test_demo_pictures_caption_every_tile_and_keep_class_names_whole(tmp_path):
     assert strip.height > 32 and strip.width >= 2 * probe.textlength("a long variant name")
     caption_row = np.asarray(strip)[33:45]
     assert (caption_row < 128).any()  # text was drawn under the tiles
+
+
+def test_demo_full_adds_the_segmentation_row(tmp_path, capsys):
+    from pole_hf.demo import run_demo
+
+    small = ["--cpu", "--num_images", "6", "--eval_images", "4", "--seg_config", "tiny", "--seg_steps", "10",
+             "--seg_batch_size", "4"]
+    results = run_demo(str(tmp_path), num_images=4, progress=False, selection_images=8, full=True, run_options=small)
+    assert all(0 <= variant["seg_miou"] <= 100 for variant in results.values())
+    assert "| **segmentation val mIoU** |" in capsys.readouterr().out
+    for slug in ("official-names", "selected-words", "learned-tokens"):
+        assert (tmp_path / "segmentation" / slug / "results.json").is_file()

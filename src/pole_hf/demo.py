@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -104,7 +105,8 @@ def captioned_strip(tiles: list[Image.Image], captions: list[str], footer: str, 
 
 
 def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | None = None, seed: int = 7,
-             progress: bool = True, selection_images: int = 60, full: bool = False) -> dict:
+             progress: bool = True, selection_images: int = 60, full: bool = False,
+             run_options: Sequence[str] = ()) -> dict:
     """Run the demo and write `results.json`, `iou.png` and overlays into `output_dir`; returns the results.
     With `full=True` each variant's pseudo masks also train a segmentation model (`pole-hf run --prompts`), whose
     val mIoU is the table's last row (beyond the demo's 5-minute budget: ~10 minutes per variant)."""
@@ -143,7 +145,7 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
     lines.append(f"| **pseudo-mask mIoU ({how})** | " + " | ".join(f"**{r['mask_miou']:.1f}**" for r in
                                                                    results.values()) + " |")
     if full:
-        seg = _segmentation_column(models, output_dir)
+        seg = _segmentation_column(models, output_dir, run_options)
         for variant, value in seg.items():
             results[variant]["seg_miou"] = value
         lines.append("| **segmentation val mIoU** | " + " | ".join(f"**{v:.1f}**" for v in seg.values()) + " |")
@@ -159,8 +161,9 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
     return results
 
 
-def _segmentation_column(models: dict, output_dir: str) -> dict[str, float]:
-    """Val mIoU (%) of a segmentation model trained on each variant's pseudo masks, via `pole-hf run --prompts`."""
+def _segmentation_column(models: dict, output_dir: str, run_options: Sequence[str] = ()) -> dict[str, float]:
+    """Val mIoU (%) of a segmentation model trained on each variant's pseudo masks, via `pole-hf run --prompts`
+    (`run_options`: more `pole-hf run` flags, e.g. fewer steps)."""
     from .cli import build_parser
     from .run import run_pipeline
 
@@ -170,7 +173,7 @@ def _segmentation_column(models: dict, output_dir: str) -> dict[str, float]:
         prompts = os.path.join(output_dir, "segmentation", slug, "prompts")
         model.save_pretrained(prompts)
         args = build_parser().parse_args(["run", "--prompts", prompts, "--run_dir",
-                                          os.path.join(output_dir, "segmentation", slug)])
+                                          os.path.join(output_dir, "segmentation", slug), *run_options])
         values[variant] = run_pipeline(args)["val_miou"]
     return values
 
