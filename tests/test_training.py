@@ -76,7 +76,9 @@ def test_killed_run_resumes_to_the_same_tokens(world_base, tmp_path):
     process = run([*args, "--output_dir", str(killed)], wait=False)
     kill_when(process, killed / "checkpoint_4")
     assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
-    run([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    resumed = run([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    assert re.search(r"resumed from checkpoint_(\d+) at step \1\b", resumed.stderr)
+    assert "done: 24 steps, final loss" in resumed.stderr
     torch.testing.assert_close(tokens(killed), tokens(tmp_path / "straight"), atol=1e-6, rtol=0)
 
 
