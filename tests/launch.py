@@ -1,7 +1,7 @@
 """Launching the example scripts as 1 or 2 real processes, and checking how many ran.
 
-with accelerate 1.15, `accelerate launch` with `--cpu` and two processes starts ONE process; `--multi_gpu` falls back to two
-CPU processes with gloo when the script asks for the CPU (`--cpu`). Every script logs its world size in its first
+With accelerate 1.15, `accelerate launch` given `--cpu` and two processes starts ONE process; `--multi_gpu` falls back
+to two CPU processes with gloo when the script asks for the CPU (`--cpu`). Every script logs its world size in its first
 line (`pole_hf.training.log_run_start`), which `world_size` reads back.
 """
 
