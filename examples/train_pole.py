@@ -35,10 +35,10 @@ from pole_hf.objective import PoleObjective
 from pole_hf.pipeline_pole import load_image_processor
 from pole_hf.training import (
     check_trackers,
+    epoch_batches,
     latest_checkpoint,
     load_checkpoint,
     log_run_start,
-    process_share,
     save_checkpoint,
 )
 from pole_hf.vocab import PROMPT_PRESETS
@@ -133,14 +133,11 @@ class PixelDataset(torch.utils.data.Dataset):
         return pixels, sorted(set(example.labels))
 
 
-def epoch_batches(data: PixelDataset, batch_size: int, seed: int, accelerator) -> list:
-    """This process's slices of one epoch's global batches, in a shuffled order that every process shares.
-
-    A batch is decoded lazily when the returned `_LocalBatch` is unpacked; a slice may be empty (uneven last batch).
-    """
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    return [_LocalBatch(data, batch[process_share(len(batch), accelerator)]) for batch in batches]
+def local_batches(data: PixelDataset, batch_size: int, seed: int, epoch: int, accelerator) -> list:
+    """This process's slices of one epoch's global batches (`pole_hf.training.epoch_batches`), decoded lazily when
+    a `_LocalBatch` is unpacked; a slice may be empty (uneven last batch)."""
+    parts = epoch_batches(len(data), batch_size, seed, epoch, accelerator.process_index, accelerator.num_processes)
+    return [_LocalBatch(data, part) for part in parts]
 
 
 class _LocalBatch:
@@ -255,7 +252,7 @@ def training_function(args) -> dict:
     history = []
     try:
         for epoch in range(start_epoch, epochs):
-            batches = epoch_batches(data, args.train_batch_size, args.seed + epoch, accelerator)
+            batches = local_batches(data, args.train_batch_size, args.seed, epoch, accelerator)
             for pixels, labels in batches[skip if epoch == start_epoch else 0:]:
                 if step >= max_steps:
                     break

@@ -15,7 +15,7 @@ import logging
 import os
 import pickle
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -193,11 +193,6 @@ def _share(size: int, rank: int, world: int) -> slice:
     base, extra = divmod(size, world)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
-
-
-def split_sizes(size: int, world: int) -> Sequence[int]:
-    """Item counts of each process for a global batch of `size` (the slices of `process_share`)."""
-    return [(_share(size, rank, world).stop - _share(size, rank, world).start) for rank in range(world)]
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, process_index: int = 0,
