@@ -29,11 +29,11 @@ from transformers import get_scheduler
 from pole_hf import CamEngine, PolePromptModel
 from pole_hf.atomic import atomic_write_text
 from pole_hf.bundled import TINY_CLIP
-from pole_hf.data.spec import SPEC_HELP, ExampleReader, class_names_of, load_dataset_spec
-from pole_hf.images import pixel_values as to_pixel_values
+from pole_hf.data.spec import SPEC_HELP, class_names_of, load_dataset_spec
 from pole_hf.objective import PoleObjective
 from pole_hf.pipeline_pole import load_image_processor
 from pole_hf.training import (
+    PixelDataset,
     check_trackers,
     epoch_batches,
     latest_checkpoint,
@@ -108,31 +108,6 @@ def parse_args(argv=None):
     return args
 
 
-class PixelDataset(torch.utils.data.Dataset):
-    """Images resized to the CLIP input size, with their class indices, decoded lazily (memory stays flat).
-
-    An unreadable image is logged, counted in `skipped` and stands in as a black image without labels, so it adds
-    no (image, class) pair while every process keeps the same number of batches.
-    """
-
-    def __init__(self, dataset, processor, size: tuple[int, int]):
-        self.reader = ExampleReader(dataset)
-        self.processor, self.size = processor, size
-        self.skipped: list[str] = []
-
-    def __len__(self):
-        return len(self.reader)
-
-    def __getitem__(self, index):
-        example = self.reader[index]
-        if example.image is None:
-            logger.warning("skipping %s: %s", example.id, example.error)
-            self.skipped.append(example.id)
-            return torch.zeros(3, *self.size), []
-        pixels = to_pixel_values(example.image, self.size, self.processor.image_mean, self.processor.image_std)[0]
-        return pixels, sorted(set(example.labels))
-
-
 def local_batches(data: PixelDataset, batch_size: int, seed: int, epoch: int, accelerator) -> list:
     """This process's slices of one epoch's global batches (`pole_hf.training.epoch_batches`), decoded lazily when
     a `_LocalBatch` is unpacked; a slice may be empty (uneven last batch)."""
@@ -146,8 +121,8 @@ class _LocalBatch:
 
     def __iter__(self):
         items = [self.data[i] for i in self.indices]
-        pixels = torch.stack([p for p, _ in items]) if items else torch.zeros(0, 3, *self.data.size)
-        return iter((pixels, [labels for _, labels in items]))
+        pixels = torch.stack([p for p, _, _ in items]) if items else torch.zeros(0, 3, *self.data.size)
+        return iter((pixels, [labels for _, labels, _ in items]))
 
 
 def build_model(args, class_names):
@@ -215,10 +190,11 @@ def training_function(args) -> dict:
         from pole_hf.selection import load_candidates, select_class_words
 
         subset = train_set.select(range(min(args.select_images, len(train_set))))
-        selection = select_class_words(model, subset, candidates=load_candidates(args.candidates, args.dataset), processor=processor,
+        candidates = load_candidates(args.candidates, args.dataset)
+        selection = select_class_words(model, subset, candidates=candidates, processor=processor,
                                        progress=accelerator.is_main_process)
         selection.apply(model)
-    data = PixelDataset(train_set, processor, (args.image_size, args.image_size))
+    data = PixelDataset(train_set, (args.image_size, args.image_size), processor.image_mean, processor.image_std)
     freeze_unlearned(model, learned_parts(args))
     params = [p for p in model.learnable_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -271,8 +247,8 @@ def training_function(args) -> dict:
                     loss = sum((param * 0).sum() for param in params)
                     terms = {"otm": 0.0, "btm": 0.0, "cbs": 0.0}
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1}: lower --learning_rate; "
-                                             f"the last checkpoint in {args.output_dir} is intact")
+                    raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1}: lower "
+                                             f"--learning_rate; the last checkpoint in {args.output_dir} is intact")
                 optimizer.zero_grad()
                 accelerator.backward(loss)
                 for param in params:

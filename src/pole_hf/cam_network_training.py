@@ -36,10 +36,17 @@ from .cam_network_objective import (
     freeze_for_variant,
     variant_options,
 )
-from .data.spec import SPEC_HELP, ExampleReader, class_names_of, load_dataset_spec
-from .images import pixel_values as to_pixel_values
+from .data.spec import SPEC_HELP, class_names_of, load_dataset_spec
 from .selection import load_candidates
-from .training import check_trackers, epoch_batches, latest_checkpoint, load_checkpoint, log_run_start, save_checkpoint
+from .training import (
+    PixelDataset,
+    check_trackers,
+    epoch_batches,
+    latest_checkpoint,
+    load_checkpoint,
+    log_run_start,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("train_cam_network")
 SYNTHETIC_IMAGE_SIZE = 128
@@ -109,33 +116,6 @@ def parse_args(argv=None):
         parser.error("--variant pole needs --selection selection.json (pole-hf select or "
                      "pole_hf.selection.select_class_words with the network's CAMs)")
     return args
-
-
-class NetworkDataset(torch.utils.data.Dataset):
-    """Images at `size` in [0, 1], their sorted class indices and (with a `class_words` column) each pair's word.
-
-    An unreadable image is logged, counted in `skipped` and stands in as a black image without labels.
-    """
-
-    def __init__(self, dataset, size: int):
-        self.reader = ExampleReader(dataset)
-        self.words = dataset["class_words"] if "class_words" in dataset.column_names else None
-        self.size = (size, size)
-        self.skipped: list[str] = []
-
-    def __len__(self):
-        return len(self.reader)
-
-    def __getitem__(self, index):
-        example = self.reader[index]
-        if example.image is None:
-            logger.warning("skipping %s: %s", example.id, example.error)
-            self.skipped.append(example.id)
-            return torch.zeros(3, *self.size), [], []
-        pixels = to_pixel_values(example.image, self.size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0]
-        labels = sorted(set(example.labels))
-        words = list(self.words[index]) if self.words is not None else []
-        return pixels, labels, words
 
 
 def collate(batch, size: int):
@@ -259,7 +239,7 @@ def training_function(args) -> dict:
                                         image_feature=args.loss_image_feature)
         if args.variant == "pole" and "class_words" not in train_set.column_names:
             raise ValueError("variant pole needs per-pair words: --selection selection.json")
-    data = NetworkDataset(train_set, args.image_size)
+    data = PixelDataset(train_set, (args.image_size, args.image_size))  # [0, 1]: CLIP's normalisation comes later
     backbone, classifier = network.parameter_groups()
     groups = [{"params": backbone, "lr": args.learning_rate},
               {"params": classifier, "lr": args.learning_rate * args.classifier_lr_factor}]

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "PixelDataset",
     "check_trackers",
     "checkpoint_step",
     "epoch_batches",
@@ -33,6 +34,44 @@ __all__ = [
 ]
 
 CHECKPOINT_PREFIX = "checkpoint_"
+logger = logging.getLogger(__name__)
+
+
+class PixelDataset(torch.utils.data.Dataset):
+    """Training images resized to `size` and normalised, with their sorted class indices and (with a `class_words`
+    column) each pair's word, decoded lazily (memory stays flat). Items are `(pixels, labels, words)`.
+
+    An unreadable image is logged, counted in `skipped` and stands in as a black image without labels, so it adds
+    no (image, class) pair while every process keeps the same number of batches.
+
+    Args:
+        dataset: a `datasets.Dataset` from `pole_hf.data`.
+        size: `(height, width)` of the pixels.
+        mean, std: per-channel normalisation (`(0, 0, 0)`, `(1, 1, 1)` keeps [0, 1]).
+    """
+
+    def __init__(self, dataset, size: tuple[int, int], mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+        from .data.spec import ExampleReader
+
+        self.reader = ExampleReader(dataset)
+        self.words = dataset["class_words"] if "class_words" in dataset.column_names else None
+        self.size, self.mean, self.std = tuple(size), mean, std
+        self.skipped: list[str] = []
+
+    def __len__(self):
+        return len(self.reader)
+
+    def __getitem__(self, index):
+        from .images import pixel_values
+
+        example = self.reader[index]
+        if example.image is None:
+            logger.warning("skipping %s: %s", example.id, example.error)
+            self.skipped.append(example.id)
+            return torch.zeros(3, *self.size), [], []
+        pixels = pixel_values(example.image, self.size, self.mean, self.std)[0]
+        words = list(self.words[index]) if self.words is not None else []
+        return pixels, sorted(set(example.labels)), words
 
 
 def _module_file(folder: str, name: str) -> str:
