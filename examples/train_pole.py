@@ -34,6 +34,7 @@ from pole_hf.objective import PoleObjective
 from pole_hf.pipeline_pole import load_image_processor
 from pole_hf.training import (
     PixelDataset,
+    add_run_arguments,
     check_trackers,
     epoch_batches,
     latest_checkpoint,
@@ -88,12 +89,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_warmup_steps", type=int, default=0)
     parser.add_argument("--num_train_epochs", type=int, default=1)
     parser.add_argument("--max_train_steps", type=int, default=None)
-    parser.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps")
-    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report_to", default=None, help="accelerate tracker, e.g. tensorboard")
-    parser.add_argument("--cpu", action="store_true")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("max_train_steps", "num_train_epochs", "train_batch_size", "eval_images", "select_images"):
         value = getattr(args, name)

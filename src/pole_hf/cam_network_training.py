@@ -40,6 +40,7 @@ from .data.spec import SPEC_HELP, class_names_of, load_dataset_spec
 from .selection import load_candidates
 from .training import (
     PixelDataset,
+    add_run_arguments,
     check_trackers,
     epoch_batches,
     latest_checkpoint,
@@ -91,12 +92,7 @@ def parse_args(argv=None):
     parser.add_argument("--poly_power", type=float, default=None)
     parser.add_argument("--num_train_epochs", type=int, default=None)
     parser.add_argument("--max_train_steps", type=int, default=None)
-    parser.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps")
-    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report_to", default=None, help="accelerate tracker, e.g. tensorboard")
-    parser.add_argument("--cpu", action="store_true")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     synthetic = args.dataset.startswith("synthetic")
     if args.stage == "select" and not args.init_network:

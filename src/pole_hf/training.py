@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "PixelDataset",
+    "add_run_arguments",
     "check_trackers",
     "checkpoint_step",
     "epoch_batches",
@@ -186,6 +187,16 @@ def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
                     "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",), "dvclive": ("dvclive",),
                     "swanlab": ("swanlab",), "trackio": ("trackio",)}
+
+
+def add_run_arguments(parser) -> None:
+    """The options every training script shares: checkpoints and resuming, mixed precision, seed, tracker, CPU."""
+    parser.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps")
+    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report_to", default=None, help="accelerate tracker, e.g. tensorboard")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is there")
 
 
 def check_trackers(report_to) -> None:

@@ -30,6 +30,7 @@ from ..atomic import atomic_write_text
 from ..data.spec import SPEC_HELP, class_names_of, iter_examples, load_dataset_spec
 from ..evaluation import ConfusionMatrix
 from ..training import (
+    add_run_arguments,
     check_trackers,
     latest_checkpoint,
     load_checkpoint,
@@ -70,15 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_warmup_steps", type=int, default=0)
     parser.add_argument("--num_train_epochs", type=int, default=1)
     parser.add_argument("--max_train_steps", type=int, default=None)
-    parser.add_argument("--checkpointing_steps", type=int, default=0, help="save_state every N steps")
+    add_run_arguments(parser)
     parser.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the last N checkpoints")
-    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     parser.add_argument("--eval_every", type=int, default=0, help="val mIoU every N steps (0: only at the end)")
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report_to", default=None, help="accelerate tracker, e.g. tensorboard")
     parser.add_argument("--push_to_hub", default=None, help="push the model, processor and card to this repo")
-    parser.add_argument("--cpu", action="store_true")
     return parser.parse_args(argv)
 
 
