@@ -3,12 +3,14 @@
 Importing the package registers the ``"pole"`` model type with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
 
 from .bundled import TINY_CLIP, TINY_PROMPTS
-from .cam import CamEngine, CamOutput
+from .cam import CamOutput
+from .cam_inference import batched_cams, image_cams
 from .configuration_pole import PoleConfig
 from .configuration_pole_cam_network import PoleCamNetworkConfig
+from .image_processing_pole import PoleImageProcessor
 from .modeling_pole import PoleModelOutput, PolePromptModel
 from .modeling_pole_cam_network import PoleCamNetwork, PoleCamNetworkOutput
 
@@ -16,22 +18,27 @@ __version__ = "0.1.0"
 
 AutoConfig.register(PoleConfig.model_type, PoleConfig, exist_ok=True)
 AutoModel.register(PoleConfig, PolePromptModel, exist_ok=True)
+AutoModelForSemanticSegmentation.register(PoleConfig, PolePromptModel, exist_ok=True)  # pipeline("image-segmentation")
+AutoImageProcessor.register(PoleConfig, slow_image_processor_class=PoleImageProcessor, exist_ok=True)
 AutoConfig.register(PoleCamNetworkConfig.model_type, PoleCamNetworkConfig, exist_ok=True)
 AutoModel.register(PoleCamNetworkConfig, PoleCamNetwork, exist_ok=True)
+AutoImageProcessor.register(PoleCamNetworkConfig, slow_image_processor_class=PoleImageProcessor, exist_ok=True)
 
 from .pipeline_pole import PoleCamPipeline  # after the Auto registration; registers the "pole-cam" task
 
 __all__ = [
     "TINY_CLIP",
     "TINY_PROMPTS",
-    "CamEngine",
     "CamOutput",
     "PoleCamNetwork",
     "PoleCamNetworkConfig",
     "PoleCamNetworkOutput",
     "PoleCamPipeline",
     "PoleConfig",
+    "PoleImageProcessor",
     "PoleModelOutput",
     "PolePromptModel",
     "__version__",
+    "batched_cams",
+    "image_cams",
 ]

@@ -21,3 +21,13 @@ def is_tiny_clip(path: str | None) -> bool:
     if not path or not has_tiny_clip() or not os.path.isdir(path):
         return False
     return os.path.samefile(path, TINY_CLIP)
+
+
+def resolve_base_path(path: str | None) -> str:
+    """The base CLIP's location: `path`, or the bundled tiny CLIP when `path` is `None`."""
+    if path:
+        return str(path)
+    if not has_tiny_clip():
+        raise ValueError("no base CLIP given and the bundled tiny CLIP is not installed: pass a base such as "
+                         "'openai/clip-vit-base-patch16' or a local CLIP folder")
+    return TINY_CLIP

@@ -1,12 +1,14 @@
-"""GradCAM over CLIP ViT tokens for the learned class prompts (CLIP-ES's method), with attention-affinity refinement.
+"""GradCAM over CLIP ViT tokens for the class prompts (CLIP-ES's method), batched over images and their classes,
+with class-aware attention affinity (CAA) refinement. [`PolePromptModel.get_cams`] and its `forward` call it.
 
-One forward per image and scale: the blocks before the last run without autograd; only the last block is
-differentiated, and the gradients of all target classes come from one batched backward (one cotangent per class).
+One forward per batch: the blocks before the last run without autograd (the CAA blocks hand their attention
+probabilities out of that same pass); only the last block is differentiated, and the gradients of every image's
+targets come from one batched backward: cotangent `j` selects the `j`-th target of every image at once (images do
+not interact in a ViT, so this equals one backward per image and class).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,26 +16,17 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
-from .caa import (  # noqa: F401  (box_mask, affinity_from_attention, refine_with_affinity: public here too)
-    BOX_THRESHOLD,
-    affinity_from_attention,
-    box_mask,
-    minmax,
-    refine_with_affinity,
-    refine_with_transition,
-    transition_from_attention,
-)
-from .images import pixel_values as to_pixel_values
+from . import _clip_internals as internals
+from .caa import BOX_THRESHOLD, minmax, refine_with_transition, transition_from_attention
 
 CAA_LAYERS = 8
-POSITION_EMBEDDINGS = ("clip_es", "bicubic")
 MAX_SIDE = 1024
 """Images whose longer side exceeds this are downscaled for the CAM computation; CAMs come back at input size."""
 
 
 @dataclass
 class CamOutput(ModelOutput):
-    """CAMs of one image.
+    """CAMs of one image, at its size (see `PoleImageProcessor.post_process_cams`).
 
     Args:
         cams (`torch.FloatTensor` of shape `(k, H, W)`): one map per target class in [0, 1], at the output size.
@@ -49,196 +42,130 @@ class CamOutput(ModelOutput):
     grid_cams: torch.FloatTensor | None = None
 
 
-def _split_heads(x: torch.Tensor, attn) -> torch.Tensor:
-    """``[B, T, D]`` -> ``[B, heads, T, head_dim]``."""
-    return x.view(x.shape[0], -1, attn.num_heads, attn.head_dim).transpose(1, 2)
-
-
-def _attention_and_probs(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: bool = True):
-    """Explicit multi-head attention of ``[B, heads, T, head_dim]`` inputs, one head at a time (one ``[T, T]``
-    matrix alive): the merged output ``[B, T, D]`` (`None` when not ``output``) and the head-averaged
-    probabilities ``[B, T, T]``, CAA's attention. No autograd."""
-    total, mixed = None, []
-    with torch.no_grad():
-        for head in range(q.shape[1]):
-            probs = torch.softmax((q[:, head] @ k[:, head].transpose(-1, -2)) * attn.scale, dim=-1)
-            if output:
-                mixed.append(probs @ v[:, head])
-            total = probs if total is None else total.add_(probs)
-    merged = torch.stack(mixed, 1).transpose(1, 2).flatten(2) if output else None
-    return merged, total.div_(q.shape[1])
-
-
-def _layer_with_attention(layer, hidden: torch.Tensor):
-    """A CLIP encoder layer's forward that also returns its head-averaged attention probabilities ``[B, T, T]``
-    (one pass: the probabilities it computes are the ones it uses)."""
-    attn = layer.self_attn
-    normed = layer.layer_norm1(hidden)
-    q, k, v = (_split_heads(proj(normed), attn) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    mixed, probs = _attention_and_probs(attn, q, k, v)
-    hidden = hidden + attn.out_proj(mixed)
-    return hidden + layer.mlp(layer.layer_norm2(hidden)), probs
-
-
-def clip_es_position_embeddings(weight: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """CLIP-ES's position embeddings for a ``grid_h x grid_w`` patch grid (its ``clip/model.py``): the patch part
-    of ``weight [1 + n*n, D]`` resized bilinearly (``align_corners=False``), then the whole table rounded to fp16,
-    at every size (the native grid too). Returns ``[1 + grid_h * grid_w, D]`` in ``weight``'s dtype."""
-    side = math.isqrt(weight.shape[0] - 1)
-    if side * side != weight.shape[0] - 1:
-        raise ValueError(f"position embeddings of {weight.shape[0]} rows are not 1 + a square grid")
-    grid = weight[1:].t().reshape(1, -1, side, side).float()
-    grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
-    table = torch.cat([weight[:1].float(), grid.reshape(weight.shape[1], -1).t()])
-    return table.half().to(weight.dtype)
-
-
-class CamEngine:
-    """Computes CLIP-ES GradCAMs for a [`PolePromptModel`].
+@dataclass
+class GridCams:
+    """Batched GradCAMs on the patch grid (fields of [`PoleModelOutput`]).
 
     Args:
-        model: the prompt model (its CLIP stays frozen; the engine never changes it).
+        cams: ``[B, K, h, w]`` maps in [0, 1], `K` the most targets of any image; padded slots are zero.
+        cam_classes: ``[B, K]`` the class index of each slot, ``-1`` for padding.
+        cam_scores: ``[B, K]`` each target's softmax probability over [the image's targets + background words].
+        logits: ``[B, C + num_background]`` scaled similarities to the class, then background, prompts.
+        image_embeds: ``[B, projection_dim]`` normalised image features of the CAM forward.
     """
 
-    def __init__(self, model):
-        self.model = model
-        vision = model.clip.vision_model
-        self.patch_size = vision.config.patch_size
-        self.num_layers = len(vision.encoder.layers)
+    cams: torch.Tensor
+    cam_classes: torch.Tensor
+    cam_scores: torch.Tensor
+    logits: torch.Tensor
+    image_embeds: torch.Tensor
 
-    def embed(self, pixels: torch.Tensor, position_embedding: str = "clip_es") -> torch.Tensor:
-        """Input tokens ``[B, 1 + h*w, D]`` (before ``pre_layrnorm``) of images ``[B, 3, H, W]``.
 
-        Args:
-            position_embedding: ``"clip_es"`` (CLIP-ES: bilinear resize, rounded to fp16, see
-                [`clip_es_position_embeddings`]) or ``"bicubic"`` (transformers' `interpolate_pos_encoding`).
-        """
-        if position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {position_embedding!r}")
-        embeddings = self.model.clip.vision_model.embeddings
-        if position_embedding == "bicubic":
-            return embeddings(pixels, interpolate_pos_encoding=True)
-        patch = embeddings.patch_embedding
-        patches = patch(pixels.to(patch.weight.dtype)).flatten(2).transpose(1, 2)
-        tokens = torch.cat([embeddings.class_embedding.to(patches.dtype).expand(len(pixels), 1, -1), patches], 1)
-        table = clip_es_position_embeddings(embeddings.position_embedding.weight,
-                                            pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
-        return tokens + table.to(tokens.dtype)[None]
+def resolve_targets(class_indices, probs: torch.Tensor, threshold: float, inclusive: bool = True) -> list[list[int]]:
+    """Per-image target lists: given (one list per image; a flat list for a batch of one) or predicted from
+    `probs` ``[B, C]`` (classes at or above `threshold`, or strictly above it when not `inclusive`; else the most
+    likely one)."""
+    batch, num_classes = probs.shape
+    if class_indices is None:
+        lists = [None] * batch
+    elif batch == 1 and all(isinstance(i, int) for i in class_indices):
+        lists = [list(class_indices)]
+    else:
+        lists = [None if c is None else [int(i) for i in c] for c in class_indices]
+    if len(lists) != batch:
+        raise ValueError(f"class_indices has {len(lists)} entries for a batch of {batch} images: give one list "
+                         "of class indices per image (None to predict that image's)")
+    out = []
+    for row, given in zip(probs.detach().float(), lists):
+        if given is None:
+            chosen = torch.nonzero(row >= threshold if inclusive else row > threshold).flatten().tolist()
+            given = chosen or [int(row.argmax())]
+        bad = [i for i in given if not 0 <= i < num_classes]
+        if bad:
+            raise ValueError(f"class indices {bad} are out of range for {num_classes} classes")
+        out.append(given)
+    return out
 
-    def _prefix(self, pixels: torch.Tensor, caa_layers: int, position_embedding: str = "clip_es"):
-        """Run every block but the last without autograd. The CAA blocks among them run with explicit attention
-        and hand back the sum of their head-averaged probabilities ``[B, T, T]`` (`None` without CAA)."""
-        vision = self.model.clip.vision_model
-        hidden = vision.pre_layrnorm(self.embed(pixels, position_embedding))
-        attention = None
-        first_caa = self.num_layers - caa_layers
-        for index, layer in enumerate(vision.encoder.layers[:-1]):
-            if caa_layers and index >= first_caa:
-                hidden, probs = _layer_with_attention(layer, hidden)
-                attention = probs if attention is None else attention.add_(probs)
-            else:
-                hidden = layer(hidden, None)
-        return hidden, attention
 
-    def grid_cams(self, pixels: torch.Tensor, class_indices: Sequence[int] | None = None, refine: bool = False,
-                  caa_layers: int = CAA_LAYERS, box_threshold: float = BOX_THRESHOLD, box_edges: str = "clip_es",
-                  position_embedding: str = "clip_es"):
-        """CAMs on the patch grid for one image ``[1, 3, H, W]`` (H, W multiples of the patch size).
+def padded_targets(targets: Sequence[Sequence[int]], device=None) -> torch.Tensor:
+    """``[B, K]`` class index per slot (`K` the most targets of any image), ``-1`` for padding."""
+    classes = torch.full((len(targets), max((len(t) for t in targets), default=0)), -1, dtype=torch.long)
+    for row, chosen in enumerate(targets):
+        classes[row, : len(chosen)] = torch.as_tensor(list(chosen), dtype=torch.long)
+    return classes.to(device)
 
-        Args:
-            pixels: the normalised image.
-            class_indices: target classes; `None` predicts them (`config.prediction_threshold`).
-            refine: class-aware attention affinity (CAA) over the last `caa_layers` blocks' attention.
-            box_threshold: CAA's box threshold (fraction of the map's maximum).
-            box_edges: ``"clip_es"`` (CLIP-ES: the grid's last row and column never lie inside a CAA box) or
-                ``"full"`` (whole boxes); see `pole_hf.caa.box_mask`.
-            position_embedding: ``"clip_es"`` (bilinear, fp16) or ``"bicubic"`` (transformers'); see [`embed`].
 
-        Returns:
-            ``(grid_cams [k, h, w], class_indices [k], scores [k])``.
-        """
-        model = self.model
-        if pixels.shape[0] != 1:
-            raise ValueError(f"grid_cams takes one image at a time, got a batch of {pixels.shape[0]}")
-        caa_layers = min(caa_layers, self.num_layers) if refine else 0
-        grid_h, grid_w = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
-        num_classes = model.config.num_classes
-        with torch.no_grad():
-            text = model.get_text_features()
-            hidden, attention = self._prefix(pixels.to(model.clip.dtype), caa_layers, position_embedding)
-        last = model.clip.vision_model.encoder.layers[-1]
-        attn = last.self_attn
-        with torch.no_grad():
-            target = last.layer_norm1(hidden)  # GradCAM's activations
-            projections = [proj(target) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        with torch.enable_grad():
-            # q, k, v are the gradient leaves: d/d(target) = sum of dq Wq + dk Wk + dv Wv, and GradCAM only needs its
-            # mean over patch tokens, so the three [T, D] x [D, D] products per class shrink to [D] x [D, D]
-            leaves = [p.detach().requires_grad_(True) for p in projections]
-            q, k_, v = (_split_heads(x, attn) for x in leaves)
-            mixed = F.scaled_dot_product_attention(q, k_, v, scale=attn.scale).transpose(1, 2).reshape(target.shape)
-            if caa_layers:  # the last block's probabilities from its q, k (the fused kernel keeps autograd lean)
-                last_probs = _attention_and_probs(attn, q.detach(), k_.detach(), v, output=False)[1]
-            attended = hidden + attn.out_proj(mixed)
-            tokens = attended + last.mlp(last.layer_norm2(attended))
-            features = F.normalize(model.image_features_from_tokens(tokens), dim=-1)
-            logits = model.logit_scale() * features @ text.t().to(features.dtype)
-            if class_indices is None:
-                probs = logits.detach().softmax(-1)[0, :num_classes]
-                chosen = torch.nonzero(probs >= model.config.prediction_threshold).flatten().tolist()
-                class_indices = chosen or [int(probs.argmax())]
-            indices = torch.as_tensor(list(class_indices), dtype=torch.long, device=logits.device)
-            softmax_set = torch.cat([indices, torch.arange(num_classes, logits.shape[-1], device=logits.device)])
-            probs = logits[0, softmax_set].float().softmax(-1)[: len(indices)]
-            k = len(indices)
-            grads = torch.autograd.grad(probs, leaves, grad_outputs=torch.eye(k, dtype=probs.dtype,
-                                                                              device=probs.device),
-                                        is_grads_batched=True)  # each [k, 1, T, D]
-        activations = target[0, 1:].float()  # [N, D]
-        weights = sum(grad[:, 0, 1:].float().mean(1) @ proj.weight.float()
-                      for grad, proj in zip(grads, (attn.q_proj, attn.k_proj, attn.v_proj)))  # [k, D]
-        cams = torch.relu(weights @ activations.t()).view(k, grid_h, grid_w)
-        cams = minmax(minmax(cams))  # twice, as CLIP-ES (per layer, then after the layer mean)
+def gradcam(model, pixel_values: torch.Tensor, class_indices: Sequence | None = None, refine: bool = False,
+            caa_layers: int = CAA_LAYERS, box_threshold: float = BOX_THRESHOLD, box_edges: str = "clip_es",
+            position_embedding: str = "clip_es") -> GridCams:
+    """CLIP-ES GradCAMs of a batch of same-size images on the patch grid.
+
+    Args:
+        model: a [`PolePromptModel`] (nothing in it changes).
+        pixel_values: ``[B, 3, H, W]`` normalised images, H and W multiples of the patch size.
+        class_indices: per image a list of class indices (`None` or a `None` entry predicts them with
+            `config.prediction_threshold`); a flat list for a batch of one.
+        refine: CAA over the last `caa_layers` blocks' attention.
+        box_threshold: CAA's box threshold (fraction of the map's maximum).
+        box_edges: ``"clip_es"`` (the grid's last row and column never lie inside a box) or ``"full"``.
+        position_embedding: ``"clip_es"`` (bilinear, fp16) or ``"bicubic"`` (transformers').
+    """
+    vision = model.clip.vision_model
+    patch = vision.config.patch_size
+    batch, _, height, width = pixel_values.shape
+    if height % patch or width % patch:
+        raise ValueError(f"pixel_values of size {height}x{width} are not multiples of the {patch}-pixel patch: "
+                         "use PoleImageProcessor (it rounds sizes up to the patch grid)")
+    num_layers, num_classes = len(vision.encoder.layers), model.config.num_classes
+    caa_layers = min(caa_layers, num_layers) if refine else 0
+    grid_h, grid_w = height // patch, width // patch
+    with torch.no_grad():
+        text = model.get_text_features()
+        hidden, attention = internals.vision_prefix(vision, pixel_values.to(model.clip.dtype), caa_layers,
+                                                    position_embedding)
+        target, projections = internals.last_block_projections(vision, hidden)
+    with torch.enable_grad():
+        # q, k, v are the gradient leaves: d/d(target) = dq Wq + dk Wk + dv Wv, and GradCAM only needs its mean over
+        # patch tokens, so the three [T, D] x [D, D] products per class shrink to [D] x [D, D]
+        leaves = [p.detach().requires_grad_(True) for p in projections]
+        tokens = internals.last_block_from_projections(vision, hidden, *leaves)
+        features = F.normalize(model.image_features_from_tokens(tokens), dim=-1)
+        logits = model.get_logit_scale() * features @ text.t().to(features.dtype)
+        targets = resolve_targets(class_indices, logits.detach().float().softmax(-1)[:, :num_classes],
+                                  model.config.prediction_threshold)
+        classes = padded_targets(targets, logits.device)
+        slots = classes.shape[1]
+        allowed = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        allowed[:, num_classes:] = True
+        valid = classes >= 0
+        allowed[torch.arange(batch, device=logits.device)[:, None].expand_as(classes)[valid], classes[valid]] = True
+        probs = logits.float().masked_fill(~allowed, float("-inf")).softmax(-1)  # over each image's targets + bg
+        picked = probs.gather(1, classes.clamp_min(0))  # [B, K]
+        grads = None
+        if slots:
+            cotangents = torch.zeros(slots, batch, slots, dtype=picked.dtype, device=picked.device)
+            cotangents[torch.arange(slots), :, torch.arange(slots)] = (classes >= 0).t().to(picked.dtype)
+            grads = torch.autograd.grad(picked, leaves, grad_outputs=cotangents, is_grads_batched=True)
+    if grads is None:
+        cams = target.new_zeros(batch, 0, grid_h, grid_w).float()
+    else:
+        weights = sum(grad[:, :, 1:].float().mean(2) @ weight.float()  # [K, B, D]
+                      for grad, weight in zip(grads, internals.qkv_weights(vision)))
+        maps = torch.relu(torch.einsum("kbd,bnd->bkn", weights, target[:, 1:].float()))
+        cams = minmax(minmax(maps.reshape(batch * slots, grid_h, grid_w)))  # twice, as CLIP-ES (layer, then mean)
+        cams = cams.view(batch, slots, grid_h, grid_w)
         if refine:
-            attention = last_probs if attention is None else attention + last_probs
-            patch_attention = (attention[0] / caa_layers)[1:, 1:]
-            cams = refine_with_transition(cams, transition_from_attention(patch_attention), box_threshold, box_edges)
-        return cams, indices, probs.detach()
+            last = internals.last_block_probs(vision, leaves[0], leaves[1])
+            attention = last if attention is None else attention + last
+            cams = cams.clone()
+            for row, chosen in enumerate(targets):
+                patch_attention = (attention[row] / caa_layers)[1:, 1:]
+                cams[row, : len(chosen)] = refine_with_transition(
+                    cams[row, : len(chosen)], transition_from_attention(patch_attention), box_threshold, box_edges)
+        cams = cams * (classes >= 0)[:, :, None, None]
+    scores = torch.where(classes >= 0, picked.detach(), torch.zeros_like(picked.detach()))
+    return GridCams(cams=cams, cam_classes=classes, cam_scores=scores, logits=logits.detach(),
+                    image_embeds=features.detach())
 
-    def __call__(self, image, processor, class_indices: Sequence[int] | None = None, scales: Sequence[float] = (1.0,),
-                 flip: bool = False, refine: bool = False, max_side: int = MAX_SIDE, **kwargs) -> CamOutput:
-        """CAMs of one RGB PIL image at its own size (rounded up to the patch grid), averaged over scales/flips.
 
-        Args:
-            image: an RGB PIL image (see `pole_hf.images.load_image`).
-            processor: the base's image processor (its `image_mean`/`image_std` are used).
-            class_indices: target classes; `None` predicts them (`config.prediction_threshold`).
-            scales: input scales, each rounded up to a multiple of the patch size.
-            flip: also average the horizontally flipped image's maps.
-            refine: apply class-aware attention affinity (CAA).
-            max_side: longer-side limit for the computation; CAMs still come back at the image's size.
-        """
-        width, height = image.size
-        if min(width, height) < self.patch_size:
-            raise ValueError(f"image of size {width}x{height} is smaller than one {self.patch_size}x{self.patch_size} "
-                             f"patch: give images of at least {self.patch_size} pixels per side")
-        shrink = min(1.0, max_side / max(width, height))
-        total, indices, scores, first_grid = None, class_indices, None, None
-        for scale in scales:
-            factor = scale * shrink
-            size = (max(1, math.ceil(height * factor / self.patch_size)) * self.patch_size,
-                    max(1, math.ceil(width * factor / self.patch_size)) * self.patch_size)
-            pixels = to_pixel_values(image, size, processor.image_mean, processor.image_std)
-            pixels = pixels.to(self.model.clip.device)
-            variants = [pixels, pixels.flip(-1)] if flip else [pixels]
-            for variant_index, variant in enumerate(variants):
-                grid, indices, probs = self.grid_cams(variant, indices, refine=refine, **kwargs)
-                if variant_index == 1:
-                    grid = grid.flip(-1)
-                if first_grid is None:
-                    first_grid, scores = grid, probs
-                up = F.interpolate(grid[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-                total = up if total is None else total + up
-        cams = total / (len(scales) * (2 if flip else 1))
-        return CamOutput(cams=cams.float().cpu(), class_indices=indices.cpu(), scores=scores.float().cpu(),
-                         grid_cams=first_grid.float().cpu())
+__all__ = ["CAA_LAYERS", "MAX_SIDE", "CamOutput", "GridCams", "gradcam", "padded_targets", "resolve_targets"]

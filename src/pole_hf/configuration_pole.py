@@ -8,9 +8,9 @@ from typing import ClassVar
 from transformers import CLIPConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ._clip_internals import IMAGE_FEATURES
 from .vocab import CLIP_ES_BACKGROUND_WORDS, DEFAULT_TEMPLATE
 
-IMAGE_FEATURES = ("patch_mean", "pooled")
 LEARNABLE_TOKENS = ("all", "first")
 
 
@@ -101,6 +101,9 @@ class PoleConfig(PreTrainedConfig):
             self.background_words = list(CLIP_ES_BACKGROUND_WORDS)
         self.background_words = [str(w) for w in self.background_words]
         super().__post_init__(**kwargs)
+        # the pseudo masks' values: 0 background, class i at i + 1 (what `image-segmentation` pipelines name)
+        self.id2label = {0: "background", **{index + 1: name for index, name in enumerate(self.class_names)}}
+        self.label2id = {name: index for index, name in self.id2label.items()}
         self.check()
 
     def check(self) -> None:

@@ -10,8 +10,12 @@ import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from .masks import IGNORE_ID, cams_to_mask, crf_scores, scores_to_mask
+from .cam_inference import batched_cams
+from .data.spec import iter_examples
+from .image_processing_pole import PoleImageProcessor
+from .masks import IGNORE_ID, BackgroundRule, cams_to_mask, crf_scores, scores_to_mask
 
 _METRIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "mean_iou")
 
@@ -258,15 +262,14 @@ class ThresholdSweep:
             `self`, for chaining.
         """
         for value, matrix in zip(self.thresholds, self.matrices):
-            setting = {"bg_threshold": value} if self.mode == "threshold" else {"bg_power": value}
+            rule = BackgroundRule("threshold", threshold=value) if self.mode == "threshold" else \
+                BackgroundRule("power", power=value)
             if self.crf:
                 if image is None:
                     raise ValueError("a CRF sweep needs the image: pass update(..., image=np.asarray(rgb_image))")
-                scores = crf_scores(np.asarray(image), cams, background=self.mode, image_mode=self.crf_image,
-                                    **setting)
-                pred = scores_to_mask(scores, class_ids)
+                pred = scores_to_mask(crf_scores(np.asarray(image), cams, rule, image_mode=self.crf_image), class_ids)
             else:
-                pred = cams_to_mask(cams, class_ids, background=self.mode, **setting)
+                pred = cams_to_mask(cams, class_ids, rule)
             matrix.update(pred, target)
         return self
 
@@ -311,39 +314,38 @@ def load_mean_iou_metric(**kwargs):
     return evaluate.load(_METRIC_DIR, **kwargs)
 
 
-def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0, 2.0), thresholds=None,
-                  refine: bool = False, progress: bool = True, class_names: Sequence[str] | None = None,
-                  crf: bool = False, crf_image: str = "clip_es", **cam_kwargs) -> dict:
+def evaluate_cams(model, dataset, processor: PoleImageProcessor | None = None, powers: Sequence[float] = (1.0, 2.0),
+                  thresholds=None, refine: bool = False, progress: bool = True,
+                  class_names: Sequence[str] | None = None, crf: bool = False, crf_image: str = "clip_es",
+                  batch_size: int = 8, **cam_kwargs) -> dict:
     """CAM mIoU of a `PolePromptModel` or a `PoleCamNetwork` over a dataset with masks, CLIP-ES style: ground-truth
-    labels as targets,
-    background `(1 - max cam) ** t` for each power (and fixed thresholds when given); the best setting is reported.
+    labels as targets, background `(1 - max cam) ** t` for each power (and fixed thresholds when given); the best
+    setting is reported.
 
     Args:
-        model: the prompt model.
+        model: the prompt model or CAM network.
         dataset: a `datasets.Dataset` from `pole_hf.data` with `image`, `labels` and `mask`.
-        processor: the base's image processor (loaded from the model's base when omitted).
+        processor: the model's [`PoleImageProcessor`] (`PoleImageProcessor.for_model(model)` when omitted).
         powers: background powers to sweep.
         thresholds: fixed background thresholds to sweep too (e.g. `np.arange(0.1, 0.9, 0.05)`).
-        refine: class-aware attention affinity.
+        refine: class-aware attention affinity (prompt models).
         progress: show a tqdm bar.
+        class_names: names for the table (default: the model's classes).
         crf: also score pseudo masks (a dense CRF on the class scores before the argmax; needs the `crf` extra)
             from the same CAMs, reported under `pseudo_mask`.
-        class_names: names for the table (default: the model's classes).
         crf_image: the CRF's appearance image (`"clip_es"` or `"rgb"`).
-        **cam_kwargs: passed to [`CamEngine`] (`box_edges`, `position_embedding`, `scales`, ...).
+        batch_size: images of one computation size per model call (see `pole_hf.cam_inference.batched_cams`).
+        **cam_kwargs: `scales`, `flip`, `max_side` and the model's `get_cams` options (`box_edges`, ...).
 
     Returns:
         dict with `miou` (best), `bg_power` or `bg_threshold`, `per_class_iou`, `curve`, `skipped` ids, `table`,
         and with `crf=True` the same keys (but `skipped`) for the pseudo masks under `pseudo_mask`.
     """
-    from tqdm.auto import tqdm
-
-    from .data.spec import iter_examples
-    from .pipeline_pole import cam_engine, load_image_processor
-
-    processor = processor or load_image_processor(model)
-    engine = cam_engine(model)  # GradCAM of a prompt model, or a CAM network's own multi-scale CAMs
+    processor = processor or PoleImageProcessor.for_model(model)
+    if refine:
+        cam_kwargs["refine"] = True
     num_labels = model.config.num_classes + 1
+
     def build(with_crf: bool) -> list[ThresholdSweep]:
         built = [ThresholdSweep(num_labels, powers, mode="power", crf=with_crf, crf_image=crf_image)]
         if thresholds is not None:
@@ -351,18 +353,28 @@ def evaluate_cams(model, dataset, processor=None, powers: Sequence[float] = (1.0
         return built
 
     groups = {"cam": build(False), **({"pseudo_mask": build(True)} if crf else {})}
-    skipped = []
+    skipped, pending = [], []
+
+    def flush():
+        labelled = [example for example in pending if example.labels]
+        cams = batched_cams(model, processor, [e.image for e in labelled], [sorted(set(e.labels)) for e in labelled],
+                            batch_size=batch_size, **cam_kwargs)
+        found = {id(e): c.cams.numpy() for e, c in zip(labelled, cams)}
+        for example in pending:
+            labels = sorted(set(example.labels))
+            maps = found.get(id(example), np.zeros((0, *example.mask.shape), np.float32))
+            for sweep in (s for sweeps in groups.values() for s in sweeps):  # the CAMs are computed once for all
+                sweep.update(maps, [i + 1 for i in labels], example.mask, image=example.image)
+        pending.clear()
+
     for example in tqdm(iter_examples(dataset), total=len(dataset), disable=not progress, desc="CAM mIoU"):
         if example.image is None or example.mask is None:
             skipped.append(example.id)
             continue
-        labels = sorted(set(example.labels))
-        if labels:
-            cams = engine(example.image, processor, labels, refine=refine, **cam_kwargs).cams.numpy()
-        else:
-            cams = np.zeros((0, *example.mask.shape), np.float32)
-        for sweep in (s for sweeps in groups.values() for s in sweeps):  # the CAMs are computed once for all
-            sweep.update(cams, [i + 1 for i in labels], example.mask, image=example.image)
+        pending.append(example)
+        if len(pending) >= 4 * batch_size:
+            flush()
+    flush()
     names = ["background", *(class_names or model.config.class_names)]
     result = _best_of(groups["cam"], names)
     result["skipped"] = skipped

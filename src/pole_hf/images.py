@@ -145,12 +145,3 @@ def _load_url(url: str, timeout: float) -> Image.Image:
     except OSError as err:
         raise ImageInputError(f"cannot fetch {url}: {err}; check the address or your connection") from err
     return _open_file(io.BytesIO(data), url)
-
-
-def pixel_values(image: Image.Image, size_hw: tuple[int, int], mean, std) -> torch.Tensor:
-    """Resize (bicubic) an RGB image to ``size_hw`` and normalise it: a ``[1, 3, H, W]`` float tensor."""
-    height, width = size_hw
-    resized = image.resize((width, height), Image.BICUBIC) if image.size != (width, height) else image
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]

@@ -7,6 +7,7 @@ through `torch.load(weights_only=True)`, which restores tensors and runs no code
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -16,7 +17,9 @@ from transformers import AutoTokenizer, CLIPModel
 from transformers.utils import cached_file
 
 from .atomic import atomic_path, atomic_write_text
+from .bundled import TINY_PROMPTS, resolve_base_path
 from .configuration_pole import PoleConfig
+from .image_processing_pole import PoleImageProcessor, base_image_processor
 
 PROMPTS_FILE = "model.safetensors"
 BASE_SUBFOLDER = "base"
@@ -24,18 +27,6 @@ PICKLE_FILES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "mode
 ID_TENSORS = ("prefix_ids", "suffix_ids", "class_token_lengths", "background_ids", "background_lengths",
               "class_tail_ids", "class_tail_lengths")
 HUB_KWARGS = ("cache_dir", "token", "local_files_only", "force_download", "proxies")
-
-
-def resolve_base_path(path: str | None) -> str:
-    """The base CLIP's location: `path`, or the bundled tiny CLIP when `path` is `None`."""
-    if path:
-        return str(path)
-    from .bundled import TINY_CLIP, has_tiny_clip
-
-    if not has_tiny_clip():
-        raise ValueError("no base CLIP given and the bundled tiny CLIP is not installed: pass a base such as "
-                         "'openai/clip-vit-base-patch16' or a local CLIP folder")
-    return TINY_CLIP
 
 
 def load_base_clip(path: str | None, revision: str | None = None, subfolder: str = "", **hub_kwargs) -> CLIPModel:
@@ -107,7 +98,9 @@ def save_prompts(model, save_directory: str | os.PathLike, include_base: bool = 
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file: give a folder path")
     os.makedirs(save_directory, exist_ok=True)
-    config = model.config
+    processor = PoleImageProcessor.for_model(model)
+    base_processor = base_image_processor(model.config, model.config.name_or_path) if include_base else None
+    config = copy.deepcopy(model.config)  # the live model keeps its own config (base folder and all)
     config.architectures = [type(model).__name__]
     config.base_subfolder = BASE_SUBFOLDER if include_base else None
     if include_base:
@@ -115,7 +108,9 @@ def save_prompts(model, save_directory: str | os.PathLike, include_base: bool = 
         model.clip.save_pretrained(base_dir)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(base_dir)
-        _copy_image_processor(config, base_dir)
+        if base_processor is not None:
+            base_processor.save_pretrained(base_dir)
+    processor.save_pretrained(save_directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in prompt_state_dict(model).items()}
     with atomic_path(os.path.join(save_directory, PROMPTS_FILE)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", "pole_hf": "prompts"})
@@ -124,17 +119,6 @@ def save_prompts(model, save_directory: str | os.PathLike, include_base: bool = 
         repo_id = kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
         model.push_to_hub(repo_id, **{k: v for k, v in kwargs.items() if k in ("token", "private", "revision",
                                                                               "commit_message")})
-
-
-def _copy_image_processor(config: PoleConfig, target: str) -> None:
-    from transformers import AutoImageProcessor
-
-    try:
-        processor = AutoImageProcessor.from_pretrained(resolve_base_path(config.base_model_name_or_path),
-                                                       revision=config.base_model_revision)
-    except (OSError, ValueError):
-        return
-    processor.save_pretrained(target)
 
 
 def load_prompts(cls, path: str | os.PathLike, *, base_model: CLIPModel | None = None, tokenizer=None,
@@ -207,8 +191,6 @@ def load_prompt_model(model: str | None = None, base: str | None = None, preset:
             raise ValueError(f"give saved prompts ({model!r}) or a preset ({preset!r}), not both: a preset builds "
                              "fresh prompts on --base")
         return cls.from_clip(resolve_base_path(base), preset=preset, **kwargs)
-    from .bundled import TINY_PROMPTS
-
     if base is not None:
         kwargs["base_model"] = load_base_clip(base)
         kwargs.setdefault("tokenizer", try_load_base_tokenizer(base))
@@ -313,4 +295,3 @@ def load_prompt_tensors(model, filename: str) -> None:
         for name, tensor in tensors.items():
             if name in params and name != "prompt_learner.context":
                 params[name].copy_(tensor.to(params[name].dtype))
-    model._text_cache.clear()

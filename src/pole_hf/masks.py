@@ -8,6 +8,7 @@ The background rule follows CLIP-ES: either a power of the complement of the str
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -59,55 +60,56 @@ def _check_cams(cams: np.ndarray, class_ids: Sequence[int] | None = None) -> np.
     return cams
 
 
-def background_score(
-    cams: np.ndarray,
-    background: str = "power",
-    bg_power: float = 1.0,
-    bg_threshold: float = 0.5,
-) -> np.ndarray:
-    """Computes the per-pixel background score from foreground CAMs.
+@dataclass(frozen=True)
+class BackgroundRule:
+    """How a pixel's background score is made from the foreground CAMs (CLIP-ES).
 
     Args:
-        cams: Foreground maps, float `[k, H, W]` in [0, 1].
-        background: `"power"` for CLIP-ES' `(1 - max_k cam) ** bg_power`, `"threshold"` for a constant `bg_threshold`.
-        bg_power: Exponent of the power rule.
-        bg_threshold: Constant background score of the threshold rule.
-
-    Returns:
-        Float32 array `[H, W]`.
+        mode: `"power"`: `(1 - max_k cam) ** power`; `"threshold"`: the constant `threshold`.
+        power: exponent of the power rule (CLIP-ES uses 1 or 2).
+        threshold: the constant score of the threshold rule (IRN/CLIMS: 0.15 for a CAM network).
     """
-    cams = _check_cams(cams)
-    height, width = cams.shape[1:]
-    if background == "power":
-        if bg_power <= 0:
-            raise ValueError(f"bg_power must be > 0, got {bg_power}; CLIP-ES uses 1 or 2.")
+
+    mode: str = "power"
+    power: float = 1.0
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.mode not in _BACKGROUND_MODES:
+            raise ValueError(f"background must be one of {_BACKGROUND_MODES}, got {self.mode!r}")
+        if self.mode == "power" and not self.power > 0:
+            raise ValueError(f"bg_power must be > 0, got {self.power}; CLIP-ES uses 1 or 2")
+
+    def score(self, cams: np.ndarray) -> np.ndarray:
+        """Float32 background score ``[H, W]`` of foreground maps ``[k, H, W]`` in [0, 1]."""
+        cams = _check_cams(cams)
+        height, width = cams.shape[1:]
+        if self.mode == "threshold":
+            return np.full((height, width), self.threshold, dtype=np.float32)
         peak = cams.max(axis=0) if cams.shape[0] else np.zeros((height, width), np.float32)
-        return np.power(1.0 - np.clip(peak, 0.0, 1.0), bg_power).astype(np.float32)
-    if background == "threshold":
-        return np.full((height, width), bg_threshold, dtype=np.float32)
-    raise ValueError(f"background must be one of {_BACKGROUND_MODES}, got {background!r}.")
+        return np.power(1.0 - np.clip(peak, 0.0, 1.0), self.power).astype(np.float32)
 
 
-def class_scores(
-    cams: np.ndarray,
-    background: str = "power",
-    bg_power: float = 1.0,
-    bg_threshold: float = 0.5,
-) -> np.ndarray:
+DEFAULT_BACKGROUND = BackgroundRule()
+
+
+def background_score(cams: np.ndarray, rule: BackgroundRule = DEFAULT_BACKGROUND) -> np.ndarray:
+    """The per-pixel background score ``[H, W]`` of foreground CAMs ``[k, H, W]`` (see [`BackgroundRule`])."""
+    return rule.score(cams)
+
+
+def class_scores(cams: np.ndarray, rule: BackgroundRule = DEFAULT_BACKGROUND) -> np.ndarray:
     """Stacks the background score in front of the foreground CAMs.
 
     Args:
         cams: Foreground maps, float `[k, H, W]` in [0, 1].
-        background: See [`background_score`].
-        bg_power: See [`background_score`].
-        bg_threshold: See [`background_score`].
+        rule: The background rule.
 
     Returns:
         Float32 array `[k + 1, H, W]`; channel 0 is background, channel `i` is `cams[i - 1]`.
     """
     cams = _check_cams(cams)
-    background_map = background_score(cams, background, bg_power, bg_threshold)
-    return np.concatenate([background_map[None], cams], axis=0)
+    return np.concatenate([rule.score(cams)[None], cams], axis=0)
 
 
 def scores_to_mask(scores: np.ndarray, class_ids: Sequence[int], ignore_below: float | None = None) -> np.ndarray:
@@ -138,22 +140,14 @@ def scores_to_mask(scores: np.ndarray, class_ids: Sequence[int], ignore_below: f
     return mask
 
 
-def cams_to_mask(
-    cams: np.ndarray,
-    class_ids: Sequence[int],
-    background: str = "power",
-    bg_power: float = 1.0,
-    bg_threshold: float = 0.5,
-    ignore_below: float | None = None,
-) -> np.ndarray:
+def cams_to_mask(cams: np.ndarray, class_ids: Sequence[int], rule: BackgroundRule = DEFAULT_BACKGROUND,
+                 ignore_below: float | None = None) -> np.ndarray:
     """Turns foreground CAMs into a pseudo mask.
 
     Args:
         cams: Foreground maps, float `[k, H, W]` in [0, 1]; NaN raises `ValueError`.
         class_ids: The k 1-based dataset class ids of the maps.
-        background: `"power"` (`(1 - max cam) ** bg_power`, CLIP-ES) or `"threshold"` (constant `bg_threshold`).
-        bg_power: Exponent of the power rule.
-        bg_threshold: Background score of the threshold rule.
+        rule: The background rule.
         ignore_below: If set, pixels whose winning score is below it become 255.
 
     Returns:
@@ -161,10 +155,8 @@ def cams_to_mask(
     """
     cams = _check_cams(cams, class_ids)
     if cams.shape[0] == 0:
-        background_score(cams, background, bg_power, bg_threshold)  # validates the options
         return np.zeros(cams.shape[1:], dtype=np.uint8)
-    scores = class_scores(cams, background, bg_power, bg_threshold)
-    return scores_to_mask(scores, class_ids, ignore_below)
+    return scores_to_mask(class_scores(cams, rule), class_ids, ignore_below)
 
 
 def crf_image(image: np.ndarray, mode: str = "clip_es") -> np.ndarray:
@@ -251,23 +243,15 @@ def crf_refine(
     return np.asarray(marginals, dtype=np.float32).reshape(num_labels, height, width)
 
 
-def crf_scores(
-    image: np.ndarray,
-    cams: np.ndarray,
-    background: str = "power",
-    bg_power: float = 1.0,
-    bg_threshold: float = 0.5,
-    image_mode: str = "clip_es",
-    half_precision: bool = True,
-    max_side: int | None = None,
-) -> np.ndarray:
+def crf_scores(image: np.ndarray, cams: np.ndarray, rule: BackgroundRule = DEFAULT_BACKGROUND,
+               image_mode: str = "clip_es", half_precision: bool = True, max_side: int | None = None) -> np.ndarray:
     """CLIP-ES's CRF step on CAMs: the maps rounded to fp16 (as CLIP-ES saves them), background in front
     ([`class_scores`]), then [`crf_refine`].
 
     Args:
         image: Uint8 RGB image `[H, W, 3]` (or PIL).
         cams: Foreground maps `[k, H, W]` in [0, 1] at the image's size.
-        background, bg_power, bg_threshold: See [`background_score`].
+        rule: The background rule.
         image_mode, half_precision: See [`crf_refine`].
         max_side: When the image's longer side exceeds it, the CRF runs on the image and maps downscaled to this
             side (the CAMs' computation size) and its marginals are upsampled bilinearly (a 6000x4000 photo:
@@ -282,15 +266,14 @@ def crf_scores(
     shrink = 1.0 if max_side is None else min(1.0, max_side / max(height, width))
     if shrink < 1.0:
         size = (max(1, round(width * shrink)), max(1, round(height * shrink)))
-        marginals = crf_scores(np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)),
-                               np.stack([_resize_map(cam, size) for cam in cams]) if len(cams) else
-                               np.zeros((0, size[1], size[0]), np.float32),
-                               background, bg_power, bg_threshold, image_mode, half_precision)
+        small = np.stack([_resize_map(cam, size) for cam in cams]) if len(cams) else \
+            np.zeros((0, size[1], size[0]), np.float32)
+        marginals = crf_scores(np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)), small,
+                               rule, image_mode, half_precision)
         return np.stack([_resize_map(channel, (width, height)) for channel in marginals])
     if half_precision:
         cams = cams.astype(np.float16).astype(np.float32)
-    scores = class_scores(cams, background, bg_power, bg_threshold)
-    return crf_refine(image, scores, image_mode=image_mode, half_precision=half_precision)
+    return crf_refine(image, class_scores(cams, rule), image_mode=image_mode, half_precision=half_precision)
 
 
 def mask_to_image(mask: np.ndarray) -> Image.Image:

@@ -12,8 +12,15 @@ from torch import nn
 from transformers import CLIPModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from . import _clip_internals as internals
+from .bundled import is_tiny_clip
+from .cam import CAA_LAYERS, gradcam
+from .caa import BOX_THRESHOLD
 from .configuration_pole import PoleConfig
+from .loading import (cached_commit, load_base_clip, load_base_tokenizer, load_prompts, save_prompts,
+                      try_load_base_tokenizer)
 from .prompt_learner import PoleAdapter, PolePromptLearner
+from .vocab import prompt_preset
 
 
 @dataclass
@@ -28,6 +35,13 @@ class PoleModelOutput(ModelOutput):
         image_embeds (`torch.FloatTensor` of shape `(batch, projection_dim)`): L2-normalised image features.
         text_embeds (`torch.FloatTensor` of shape `(num_classes + num_background, projection_dim)`): L2-normalised
             text features of the class prompts, then the background prompts.
+        cams (`torch.FloatTensor` of shape `(batch, num_targets, height / patch, width / patch)`, *optional*):
+            CLIP-ES GradCAMs in [0, 1] on the patch grid, one per target class of each image (`num_targets` is the
+            most targets of any image in the batch; padded slots are zero).
+        cam_classes (`torch.LongTensor` of shape `(batch, num_targets)`, *optional*): the class index of each map,
+            in the order the targets were given (or predicted, ascending), `-1` for padding.
+        cam_scores (`torch.FloatTensor` of shape `(batch, num_targets)`, *optional*): each target's softmax
+            probability over [that image's targets + the background words] (0 for padding).
     """
 
     loss: torch.FloatTensor | None = None
@@ -35,12 +49,9 @@ class PoleModelOutput(ModelOutput):
     background_logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
-
-
-def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive causal attention mask ``[1, 1, T, T]``: 0 where a token may attend, the dtype's minimum elsewhere."""
-    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return torch.triu(mask, diagonal=1)[None, None]
+    cams: torch.FloatTensor | None = None
+    cam_classes: torch.LongTensor | None = None
+    cam_scores: torch.FloatTensor | None = None
 
 
 class PolePromptModel(PreTrainedModel):
@@ -86,8 +97,6 @@ class PolePromptModel(PreTrainedModel):
             self.visual_adapter = self.text_adapter = None
         self.post_init()
         if tokenizer is None and load_tokenizer:
-            from .loading import try_load_base_tokenizer
-
             tokenizer = try_load_base_tokenizer(config.base_model_name_or_path, revision=config.base_model_revision)
         self.tokenizer = tokenizer
         self._text_cache: dict = {}
@@ -121,11 +130,7 @@ class PolePromptModel(PreTrainedModel):
                 `class_words` dict is merged into the preset's words.
             **config_options: any other [`PoleConfig`] field (`class_words`, `background_words`, `template`, ...).
         """
-        from .loading import load_base_clip, load_base_tokenizer
-
         if preset is not None:
-            from .vocab import prompt_preset
-
             options = prompt_preset(preset).config_options(class_names)
             words = config_options.pop("class_words", None)
             if isinstance(words, dict):
@@ -148,13 +153,9 @@ class PolePromptModel(PreTrainedModel):
             if not path:
                 raise ValueError("the CLIP model has no name_or_path to load its tokenizer from: pass tokenizer=...")
             tokenizer = load_base_tokenizer(path, revision=revision)
-        from .bundled import is_tiny_clip
-
         reference = None if is_tiny_clip(path) else path  # the bundled CLIP is referred to as None, not a local path
         if revision is None and reference and not os.path.isdir(reference):
             # a Hub base is pinned to the commit it was loaded from, so the prompts always meet the same CLIP
-            from .loading import cached_commit
-
             revision = cached_commit(reference)
         config = PoleConfig(base_model_name_or_path=reference, base_model_revision=revision,
                             clip_config=copy.deepcopy(clip_model.config), class_names=list(class_names), **config_options)
@@ -163,8 +164,6 @@ class PolePromptModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> PolePromptModel:
         """Load prompts (config.json + model.safetensors) and their base CLIP. See `pole_hf.loading.load_prompts`."""
-        from .loading import load_prompts
-
         return load_prompts(cls, pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -179,8 +178,6 @@ class PolePromptModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, include_base: bool = False, push_to_hub: bool = False, **kwargs):
         """Save config.json and a prompts-only model.safetensors (the base CLIP only with `include_base=True`)."""
-        from .loading import save_prompts
-
         return save_prompts(self, save_directory, include_base=include_base, push_to_hub=push_to_hub, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
@@ -236,43 +233,48 @@ class PolePromptModel(PreTrainedModel):
             self.prompt_learner.set_class_word(index, self.tokenizer, self.token_embedding, word,
                                                self.max_text_length)
             self.config.class_words[index] = word
-        self._text_cache.clear()
 
     # ------------------------------------------------------------------ text side
     def encode_prompt_embeddings(self, embeds: torch.Tensor, eos_positions: torch.Tensor) -> torch.Tensor:
         """Run CLIP's text transformer on embedded prompts ``[N, T, D]`` and project the EOS token's state."""
-        text = self.clip.text_model
-        length = embeds.shape[1]
-        hidden = embeds + text.embeddings.position_embedding.weight[:length]
-        mask = causal_mask(length, hidden.dtype, hidden.device)
-        for layer in text.encoder.layers:
-            hidden = layer(hidden, mask)
-        hidden = text.final_layer_norm(hidden)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_positions]
-        return self.clip.text_projection(pooled)
+        return internals.text_features_from_embeddings(self.clip, embeds, eos_positions)
+
+    def _prompt_state(self, part: str) -> tuple:
+        """What the cached text features depend on: the identity and version counter of every prompt tensor of
+        `part` (``"background"``: the background ids; ``"all"``: every prompt parameter and buffer), and the
+        device and dtype. Optimizer steps, `set_class_words`, loading prompts or checkpoints all change it, so the
+        cache never needs clearing by hand."""
+        learner = self.prompt_learner
+        if part == "background":
+            tensors = [learner.background_ids, learner.background_lengths]
+        else:
+            tensors = [t for name, t in (*self.named_parameters(), *self.named_buffers()) if not name.startswith("clip.")]
+        return (part, self.clip.dtype, learner.class_tokens.device,
+                tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors))
 
     def _background_features(self) -> torch.Tensor:
         pl = self.prompt_learner
-        key = ("background", pl.background_ids.device, self.clip.dtype)
-        if key not in self._text_cache and pl.background_ids.shape[0] == 0:
-            self._text_cache[key] = self.clip.text_projection.weight.new_zeros(0, self.clip.config.projection_dim)
+        key = self._prompt_state("background")
         if key not in self._text_cache:
-            with torch.no_grad():
-                embeds = self.token_embedding(pl.background_ids)
-                self._text_cache[key] = self.encode_prompt_embeddings(embeds, pl.background_lengths - 1)
+            if pl.background_ids.shape[0] == 0:
+                features = self.clip.text_projection.weight.new_zeros(0, self.clip.config.projection_dim)
+            else:
+                with torch.no_grad():
+                    features = self.encode_prompt_embeddings(self.token_embedding(pl.background_ids),
+                                                             pl.background_lengths - 1)
+            self._text_cache = {k: v for k, v in self._text_cache.items() if k[0] != "background"}
+            self._text_cache[key] = features
         return self._text_cache[key]
 
     def get_text_features(self) -> torch.Tensor:
         """L2-normalised text features of [class prompts + background prompts], ``[C + B, projection_dim]``.
 
-        Cached while nothing changed: the cache key holds every learnable tensor's version counter, so an
-        optimizer step, `set_class_words` or loading prompts recomputes them. With autograd on and learnable
-        parameters requiring grad, they are computed fresh so gradients flow into the class tokens.
+        Cached while no prompt tensor changed (see `_prompt_state`). With autograd on and learnable parameters
+        requiring grad, they are computed fresh so gradients flow into the class tokens.
         """
         learnable = self.learnable_parameters()
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in learnable)
-        key = ("all", self.clip.dtype, self.prompt_learner.class_tokens.device,
-               tuple(p._version for p in learnable))
+        key = self._prompt_state("all")
         if not needs_graph and key in self._text_cache:
             return self._text_cache[key]
         embeds, eos = self.prompt_learner.class_prompt_embeddings(self.token_embedding)
@@ -286,57 +288,97 @@ class PolePromptModel(PreTrainedModel):
         return features
 
     # ------------------------------------------------------------------ image side
-    def image_features_from_tokens(self, last_hidden_state: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+    def image_features_from_tokens(self, last_hidden_state: torch.Tensor, image_feature: str | None = None
+                                   ) -> torch.Tensor:
         """Projected image features from the vision encoder's last block output ``[N, 1 + HW, width]``.
 
         Args:
             last_hidden_state: the vision encoder's output tokens.
-            kind: `"patch_mean"` (CLIP-ES's order: post-layernorm on every token, mean over patch tokens,
+            image_feature: `"patch_mean"` (CLIP-ES's order: post-layernorm on every token, mean over patch tokens,
                 projection) or `"pooled"` (post-layernorm of the class token, projection); default
                 `config.image_feature`. Adapters apply after; the result is not normalised.
         """
-        post = self.clip.vision_model.post_layernorm
-        if (kind or self.config.image_feature) == "patch_mean":
-            pooled = post(last_hidden_state[:, 1:]).mean(dim=1)
-        else:
-            pooled = post(last_hidden_state[:, 0])
-        features = self.clip.visual_projection(pooled)
+        features = internals.image_head(self.clip, last_hidden_state, image_feature or self.config.image_feature)
         if self.visual_adapter is not None:
             features = self.visual_adapter(features)
         return features
 
-    def get_image_features(self, pixel_values: torch.Tensor, kind: str | None = None) -> torch.Tensor:
-        """L2-normalised image features ``[N, projection_dim]`` at any input size (position embeddings interpolated);
-        `kind` as in [`image_features_from_tokens`]."""
-        vision = self.clip.vision_model(pixel_values=pixel_values.to(self.clip.dtype), interpolate_pos_encoding=True)
-        return F.normalize(self.image_features_from_tokens(vision.last_hidden_state, kind), dim=-1)
+    def get_image_features(self, pixel_values: torch.Tensor, image_feature: str | None = None) -> torch.Tensor:
+        """L2-normalised image features ``[N, projection_dim]`` at any input size (position embeddings interpolated
+        bicubically); `image_feature` as in [`image_features_from_tokens`]."""
+        tokens = internals.vision_output_tokens(self.clip, pixel_values)
+        return F.normalize(self.image_features_from_tokens(tokens, image_feature), dim=-1)
 
-    def logit_scale(self) -> torch.Tensor:
+    def get_logit_scale(self) -> torch.Tensor:
         """The multiplier of cosine similarities: `config.logit_scale`, or the base CLIP's `exp(logit_scale)`."""
         if self.config.logit_scale is not None:
             return torch.tensor(float(self.config.logit_scale), device=self.clip.logit_scale.device)
         return self.clip.logit_scale.exp()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
-                return_dict: bool | None = None) -> PoleModelOutput | tuple:
-        """Score images against the class and background prompts.
+    # ------------------------------------------------------------------ CAMs
+    def get_cams(self, pixel_values: torch.Tensor, class_indices=None, refine: bool = False,
+                 caa_layers: int = CAA_LAYERS, box_threshold: float = BOX_THRESHOLD, box_edges: str = "clip_es",
+                 position_embedding: str = "clip_es") -> PoleModelOutput:
+        """CLIP-ES GradCAMs of a batch of same-size images, on the patch grid (one forward, one batched backward).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)`): images from [`PoleImageProcessor`]
+                (H, W multiples of the patch size).
+            class_indices (*optional*): per image a list of class indices (a flat list for one image); `None` (or a
+                `None` entry) predicts them with `config.prediction_threshold`.
+            refine: class-aware attention affinity (CAA) over the last `caa_layers` blocks' attention.
+            box_threshold: CAA's box threshold (fraction of the map's maximum).
+            box_edges: `"clip_es"` (the grid's last row and column never lie inside a CAA box) or `"full"`.
+            position_embedding: `"clip_es"` (bilinear, rounded to fp16) or `"bicubic"` (transformers').
+
+        Returns:
+            [`PoleModelOutput`] with `cams`, `cam_classes`, `cam_scores`, `logits`, `background_logits`,
+            `image_embeds` and `text_embeds` (no loss).
+        """
+        grid = gradcam(self, pixel_values, class_indices, refine=refine, caa_layers=caa_layers,
+                       box_threshold=box_threshold, box_edges=box_edges, position_embedding=position_embedding)
+        num_classes = self.config.num_classes
+        return PoleModelOutput(logits=grid.logits[:, :num_classes], background_logits=grid.logits[:, num_classes:],
+                               image_embeds=grid.image_embeds, text_embeds=self.get_text_features().detach(),
+                               cams=grid.cams, cam_classes=grid.cam_classes, cam_scores=grid.cam_scores)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, class_indices=None,
+                output_cams: bool | None = None, return_dict: bool | None = None, **cam_options
+                ) -> PoleModelOutput | tuple:
+        """Score images against the class and background prompts, and compute their CAMs.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)`): processed images, any size that is a
                 multiple of the patch size.
-            labels (`torch.Tensor` of shape `(batch, num_classes)`, *optional*): multi-hot image-level labels.
+            labels (`torch.Tensor` of shape `(batch, num_classes)`, *optional*): multi-hot image-level labels: the
+                loss is computed (differentiable in the prompts), and they are the CAM targets.
+            class_indices (*optional*): CAM targets per image (see [`get_cams`]); default `labels`, else predicted.
+            output_cams (`bool`, *optional*): compute `cams` (GradCAM); default: yes, unless `labels` are given (a
+                training call scores only).
             return_dict (`bool`, *optional*): return a [`PoleModelOutput`] (default) or a tuple.
+            **cam_options: `refine`, `caa_layers`, `box_threshold`, `box_edges`, `position_embedding` of
+                [`get_cams`].
         """
-        image_embeds = self.get_image_features(pixel_values)
-        text_embeds = self.get_text_features()
-        logits_all = self.logit_scale() * image_embeds @ text_embeds.t().to(image_embeds.dtype)
-        num_classes = self.config.num_classes
-        loss = None
-        if labels is not None:
-            loss = multilabel_softmax_loss(logits_all, labels.to(logits_all.dtype))
-        output = PoleModelOutput(loss=loss, logits=logits_all[:, :num_classes],
-                                 background_logits=logits_all[:, num_classes:], image_embeds=image_embeds,
-                                 text_embeds=text_embeds)
+        if output_cams is None:
+            output_cams = labels is None
+        if cam_options and not output_cams:
+            raise ValueError(f"CAM options {sorted(cam_options)} given with output_cams=False: pass output_cams=True")
+        output = PoleModelOutput()
+        if output_cams:
+            if class_indices is None and labels is not None:
+                class_indices = [torch.nonzero(row).flatten().tolist() for row in labels]
+            output = self.get_cams(pixel_values, class_indices, **cam_options)
+        if labels is not None or not output_cams:
+            image_embeds = self.get_image_features(pixel_values)
+            text_embeds = self.get_text_features()
+            logits_all = self.get_logit_scale() * image_embeds @ text_embeds.t().to(image_embeds.dtype)
+            num_classes = self.config.num_classes
+            if labels is not None:
+                output.loss = multilabel_softmax_loss(logits_all, labels.to(logits_all.dtype))
+            if not output_cams:
+                output = PoleModelOutput(loss=output.loss, logits=logits_all[:, :num_classes],
+                                         background_logits=logits_all[:, num_classes:], image_embeds=image_embeds,
+                                         text_embeds=text_embeds)
         return output if return_dict is not False else output.to_tuple()
 
 

@@ -13,7 +13,6 @@ Sources: CLIMS ``CVI-SZU/CLIMS`` ``net/resnet50_clims.py`` (`Net`, `CLIMS`, `CAM
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,9 +22,8 @@ from torch import nn
 from transformers import PreTrainedModel, ResNetModel
 from transformers.utils import ModelOutput
 
-from .cam import CamOutput
+from .cam import padded_targets, resolve_targets
 from .configuration_pole_cam_network import PoleCamNetworkConfig
-from .images import pixel_values as to_pixel_values
 
 
 @dataclass
@@ -40,6 +38,12 @@ class PoleCamNetworkOutput(ModelOutput):
         probability_maps (`torch.FloatTensor` of shape `(batch, num_classes, height / 16, width / 16)`):
             `sigmoid(class_maps)`, the maps CLIMS masks images with.
         feature_map (`torch.FloatTensor` of shape `(batch, feature_size, height / 16, width / 16)`): the last stage.
+        cams (`torch.FloatTensor` of shape `(batch, num_targets, height / 16, width / 16)`, *optional*): from
+            [`PoleCamNetwork.get_cams`]: `relu(class_maps)` of each image's target classes (padded slots zero).
+        cam_classes (`torch.LongTensor` of shape `(batch, num_targets)`, *optional*): the class of each map, `-1`
+            for padding.
+        cam_scores (`torch.FloatTensor` of shape `(batch, num_targets)`, *optional*): the targets' sigmoid
+            probabilities.
     """
 
     loss: torch.FloatTensor | None = None
@@ -47,6 +51,9 @@ class PoleCamNetworkOutput(ModelOutput):
     class_maps: torch.FloatTensor | None = None
     probability_maps: torch.FloatTensor | None = None
     feature_map: torch.FloatTensor | None = None
+    cams: torch.FloatTensor | None = None
+    cam_classes: torch.LongTensor | None = None
+    cam_scores: torch.FloatTensor | None = None
 
 
 def _keep_last_stage_resolution(resnet: ResNetModel) -> None:
@@ -153,80 +160,35 @@ class PoleCamNetwork(PreTrainedModel):
 
     # ------------------------------------------------------------------ inference CAMs
     @torch.no_grad()
-    def compute_cams(self, pixel_values: torch.Tensor, scales: Sequence[float] | None = None,
-                     flip: bool | None = None, output_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Multi-scale (and flip) ReLU CAMs of one image, max-normalised per class: ``[C, H, W]`` in [0, 1].
+    def get_cams(self, pixel_values: torch.Tensor, class_indices=None, **options) -> PoleCamNetworkOutput:
+        """ReLU CAMs of a batch at the network's output stride, for each image's target classes (eval mode).
+
+        `PoleImageProcessor` (built by `for_model` with this network's scales, flips and `cam_merge="max"`)
+        upsamples them, sums the variants and divides by the per-class maximum + 1e-5 (IRN/CLIMS `make_cam`).
 
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(1, 3, H, W)`): the normalised image.
-            scales: default `config.cam_scales`.
-            flip: default `config.cam_flip`.
-            output_size: `(H, W)` of the result; default the input's size.
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)`): normalised images.
+            class_indices (*optional*): per image a list of classes (a flat list for one image); `None` keeps the
+                classes whose sigmoid probability exceeds `config.prediction_threshold` (else the most likely).
         """
-        scales = self.config.cam_scales if scales is None else [float(s) for s in scales]
-        flip = self.config.cam_flip if flip is None else bool(flip)
-        height, width = pixel_values.shape[-2:]
-        size = output_size or (height, width)
-        total = None
-        for scale in scales:
-            scaled = pixel_values if scale == 1 else F.interpolate(
-                pixel_values, size=(max(1, round(height * scale)), max(1, round(width * scale))), mode="bilinear",
-                align_corners=False)
-            batch = torch.cat([scaled, scaled.flip(-1)]) if flip else scaled
-            maps = F.relu(self(batch.to(self.dtype)).class_maps.float())
-            maps = maps[:1] + maps[1:].flip(-1) if flip else maps
-            up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[0]
-            total = up if total is None else total + up
-        return total / total.flatten(1).amax(1).clamp_min(1e-5).view(-1, 1, 1)
-
-    def image_cams(self, image, processor=None, class_indices: Sequence[int] | None = None,
-                   scales: Sequence[float] | None = None, flip: bool | None = None, max_side: int = 1024,
-                   **unused) -> CamOutput:
-        """CAMs of one RGB PIL image at its size, in the pipeline's [`CamOutput`] (classes predicted when omitted).
-
-        Args:
-            image: an RGB PIL image.
-            processor: anything with `image_mean` / `image_std` (default the config's).
-            class_indices: target classes; `None` keeps the classes whose sigmoid probability exceeds
-                `config.prediction_threshold` (the most likely one when none does).
-            scales, flip: see [`compute_cams`].
-            max_side: longer-side limit for the computation.
-        """
-        mean = getattr(processor, "image_mean", None) or self.config.image_mean
-        std = getattr(processor, "image_std", None) or self.config.image_std
-        width, height = image.size
-        shrink = min(1.0, max_side / max(width, height))
-        size = (max(1, math.ceil(height * shrink)), max(1, math.ceil(width * shrink)))
-        pixels = to_pixel_values(image, size, mean, std).to(self.device)
+        if options:
+            raise TypeError(f"PoleCamNetwork.get_cams takes no {sorted(options)}: CAA refinement, box edges and "
+                            "position embeddings belong to GradCAM (PolePromptModel)")
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
-                output = self(pixels.to(self.dtype))
-                probs = torch.sigmoid(output.logits[0].float())
-            if class_indices is None:
-                chosen = (probs > self.config.prediction_threshold).nonzero().flatten().tolist()
-                class_indices = chosen or [int(probs.argmax())]
-            indices = torch.as_tensor(list(class_indices), dtype=torch.long)
-            cams = self.compute_cams(pixels, scales, flip, output_size=(height, width))[indices.to(self.device)]
-            grid = F.relu(output.class_maps[0].float())[indices.to(self.device)]
+            output = self(pixel_values.to(self.dtype))
         finally:
             self.train(was_training)
-        return CamOutput(cams=cams.float().cpu(), class_indices=indices, scores=probs[indices.to(probs.device)].cpu(),
-                         grid_cams=(grid / grid.flatten(1).amax(1).clamp_min(1e-5).view(-1, 1, 1)).cpu())
+        probs = torch.sigmoid(output.logits.float())
+        classes = padded_targets(resolve_targets(class_indices, probs, self.config.prediction_threshold,
+                                                 inclusive=False), probs.device)
+        rows = torch.arange(len(classes), device=probs.device)[:, None]
+        valid = (classes >= 0)
+        output.cams = F.relu(output.class_maps.float())[rows, classes.clamp_min(0)] * valid[:, :, None, None]
+        output.cam_classes = classes
+        output.cam_scores = torch.where(valid, probs[rows, classes.clamp_min(0)], torch.zeros_like(probs[:, :1]))
+        return output
 
 
-class CamNetworkEngine:
-    """The [`CamEngine`] interface (`engine(image, processor, class_indices, ...)`) over a [`PoleCamNetwork`], so the
-    pipeline, the evaluation and the selection use network CAMs where they use GradCAM for a prompt model."""
-
-    def __init__(self, model: PoleCamNetwork):
-        self.model = model
-        self.patch_size = 1
-
-    def __call__(self, image, processor=None, class_indices: Sequence[int] | None = None, scales=None, flip=None,
-                 refine: bool = False, max_side: int = 1024, **unused) -> CamOutput:
-        return self.model.image_cams(image, processor, class_indices, scales=scales, flip=flip, max_side=max_side)
-
-
-__all__ = ["CamNetworkEngine", "PoleCamNetwork", "PoleCamNetworkOutput"]
+__all__ = ["PoleCamNetwork", "PoleCamNetworkOutput"]

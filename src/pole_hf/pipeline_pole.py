@@ -8,49 +8,14 @@ Registered with transformers on `import pole_hf` as the task ``"pole-cam"``::
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .cam import CAA_LAYERS, MAX_SIDE, CamEngine
+from .image_processing_pole import PoleImageProcessor, check_max_side, check_scales
 from .images import load_image
 from .labels import class_indices
-from .masks import CRF_CONFIDENCE, class_scores, crf_scores, mask_to_image, overlay, scores_to_mask
-
-
-def load_image_processor(model):
-    """The base CLIP's image processor (from the base's folder or repo, or the bundled tiny CLIP); for a
-    [`PoleCamNetwork`], its normalisation (`config.image_mean` / `image_std`)."""
-    from transformers import AutoImageProcessor
-
-    if is_cam_network(model):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(image_mean=list(model.config.image_mean), image_std=list(model.config.image_std))
-
-    from .loading import resolve_base_path
-
-    config = model.config
-    if config.base_subfolder and config.name_or_path:
-        return AutoImageProcessor.from_pretrained(config.name_or_path, subfolder=config.base_subfolder)
-    return AutoImageProcessor.from_pretrained(resolve_base_path(config.base_model_name_or_path),
-                                              revision=config.base_model_revision)
-
-
-def is_cam_network(model) -> bool:
-    """Whether `model` is a [`PoleCamNetwork`] (CAMs from the network, not GradCAM of CLIP)."""
-    return getattr(model.config, "model_type", None) == "pole_cam_network"
-
-
-def cam_engine(model):
-    """The CAM engine of a model: [`CamEngine`] (GradCAM) for a prompt model, the network's own for a CAM network."""
-    if is_cam_network(model):
-        from .modeling_pole_cam_network import CamNetworkEngine
-
-        return CamNetworkEngine(model)
-    return CamEngine(model)
+from .masks import mask_to_image, overlay
 
 
 class PoleCamPipeline(Pipeline):
@@ -63,8 +28,9 @@ class PoleCamPipeline(Pipeline):
         refine (`bool`, defaults to `False`): class-aware attention affinity refinement.
         scales (`tuple[float]`, defaults to `(1.0,)`; a CAM network's `config.cam_scales`), flip (`bool`; a CAM
             network's `config.cam_flip`): multi-scale / flip averaging.
-        background (`str`, defaults to `"power"`), bg_power (`float`, 1.0), bg_threshold (`float`, 0.5): background
-            score `(1 - max cam) ** bg_power` or the fixed `bg_threshold`.
+        background (`str`), bg_power (`float`), bg_threshold (`float`): background score `(1 - max cam) **
+            bg_power` or the fixed `bg_threshold`; default the processor's (`"power"`, 1.0 for a prompt model;
+            `"threshold"` at the network's `config.background_threshold`, 0.15, for a CAM network).
         box_edges (`str`, defaults to `"clip_es"`): CAA boxes as CLIP-ES (the grid's last row and column are never
             inside a box) or `"full"` (whole boxes, corrected).
         position_embedding (`str`, defaults to `"clip_es"`): bilinear fp16 position embeddings as CLIP-ES, or
@@ -88,9 +54,8 @@ class PoleCamPipeline(Pipeline):
 
     def __init__(self, model, image_processor=None, **kwargs):
         super().__init__(model=model, image_processor=image_processor, **kwargs)
-        if self.image_processor is None:
-            self.image_processor = load_image_processor(self.model)
-        self.engine = cam_engine(self.model)
+        if not isinstance(self.image_processor, PoleImageProcessor):
+            self.image_processor = PoleImageProcessor.for_model(self.model)
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
         # images of different sizes do not stack: `batch_size` is accepted and each image is computed on its own
@@ -120,63 +85,57 @@ class PoleCamPipeline(Pipeline):
                             "max_side, box_edges, position_embedding, background, bg_power, bg_threshold, crf, "
                             "crf_image, ignore_below, return_overlay")
         if scales is not None:
-            scales = tuple(scales)
-            if not scales or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in scales):
-                raise ValueError(f"scales={scales!r} must be a non-empty list of positive numbers, e.g. (1.0, 0.5)")
-        if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
-            raise ValueError(f"max_side={max_side!r} must be a positive integer (pixels of the longer side)")
-        forward = {k: v for k, v in dict(refine=refine, scales=scales, flip=flip, caa_layers=caa_layers,
-                                         max_side=max_side, box_edges=box_edges,
+            scales = tuple(check_scales(scales))
+        if max_side is not None:
+            check_max_side(max_side)
+        pre = {k: v for k, v in dict(scales=scales, flip=flip, max_side=max_side).items() if v is not None}
+        forward = {k: v for k, v in dict(refine=refine, caa_layers=caa_layers, box_edges=box_edges,
                                          position_embedding=position_embedding).items() if v is not None}
         post = {k: v for k, v in dict(background=background, bg_power=bg_power, bg_threshold=bg_threshold, crf=crf,
                                       crf_image=crf_image, ignore_below=ignore_below,
                                       return_overlay=return_overlay).items()
                 if v is not None}
-        return {}, forward, post
+        return pre, forward, post
 
-    def preprocess(self, inputs):
+    def preprocess(self, inputs, scales=None, flip=None, max_side=None):
         labels = None
         if isinstance(inputs, dict):
             if "image" not in inputs:
                 raise ValueError("a dict input needs an 'image' key (and optionally 'labels')")
             inputs, labels = inputs["image"], inputs.get("labels")
         image = load_image(inputs)
-        patch = self.engine.patch_size
-        if min(image.size) < patch:
-            raise ValueError(f"image of size {image.size[0]}x{image.size[1]} is smaller than one {patch}x{patch} "
-                             f"patch: give images of at least {patch} pixels per side")
-        names = self.model.config.class_names
-        indices = None if labels is None else class_indices(labels, names, allow_empty=False)
-        return {"image": image, "class_indices": indices}
+        indices = None if labels is None else class_indices(labels, self.model.config.class_names, allow_empty=False)
+        variants = self.image_processor.variants(scales, flip)
+        pixels = [self.image_processor(image, scale=scale, flip=flipped, max_side=max_side)["pixel_values"]
+                  for scale, flipped in variants]
+        return {"image": image, "class_indices": indices, "pixel_values": pixels, "flips": [f for _, f in variants]}
 
-    def _forward(self, model_inputs, refine=False, scales=None, flip=None, caa_layers=CAA_LAYERS,
-                 max_side=MAX_SIDE, box_edges="clip_es", position_embedding="clip_es"):
-        if not is_cam_network(self.model):  # GradCAM's defaults; a CAM network keeps its config's
-            scales, flip = (1.0,) if scales is None else scales, bool(flip)
-        output = self.engine(model_inputs["image"], self.image_processor, model_inputs["class_indices"],
-                             scales=None if scales is None else tuple(scales), flip=flip, refine=refine,
-                             max_side=max_side, caa_layers=caa_layers, box_edges=box_edges,
-                             position_embedding=position_embedding)
-        return {"image": model_inputs["image"], "cam_output": output, "max_side": max_side}
+    def _forward(self, model_inputs, **cam_options):
+        if not hasattr(self.model, "get_cams"):
+            raise TypeError(f"{type(self.model).__name__} computes no CAMs: give a PolePromptModel or PoleCamNetwork")
+        targets = model_inputs["class_indices"]
+        outputs = []
+        for pixels in model_inputs["pixel_values"]:
+            output = self.model.get_cams(pixels.to(self.device), None if targets is None else [targets],
+                                         **cam_options)
+            targets = [int(c) for c in output.cam_classes[0] if c >= 0]  # predicted once, kept for every variant
+            outputs.append(output)
+        return {"image": model_inputs["image"], "outputs": outputs, "flips": model_inputs["flips"]}
 
-    def postprocess(self, model_outputs, background="power", bg_power=1.0, bg_threshold=0.5, crf=False,
+    def postprocess(self, model_outputs, background=None, bg_power=None, bg_threshold=None, crf=False,
                     crf_image="clip_es", ignore_below=None, return_overlay=False):
-        output, image = model_outputs["cam_output"], model_outputs["image"]
+        processor, image = self.image_processor, model_outputs["image"]
+        output = processor.post_process_cams(model_outputs["outputs"], [(image.height, image.width)],
+                                             model_outputs["flips"])[0]
+        mask = processor.segment([output], [image], background, bg_power, bg_threshold, crf=crf, crf_image=crf_image,
+                                 ignore_below=ignore_below)[0]
         cams = output.cams.numpy().astype(np.float32)
-        class_ids = [int(i) + 1 for i in output.class_indices]
-        setting = dict(background=background, bg_power=bg_power, bg_threshold=bg_threshold)
-        if crf:
-            scores = crf_scores(np.asarray(image), cams, **setting, image_mode=crf_image,
-                                max_side=model_outputs["max_side"])  # huge images: at the computation size
-            ignore_below = CRF_CONFIDENCE if ignore_below is None else ignore_below
-        else:
-            scores = class_scores(cams, **setting)
         names = self.model.config.class_names
         result = {
             "labels": [names[int(i)] for i in output.class_indices],
             "scores": [float(s) for s in output.scores],
             "cams": cams,
-            "mask": mask_to_image(scores_to_mask(scores, class_ids, ignore_below=ignore_below)),
+            "mask": mask_to_image(mask),
         }
         if return_overlay:
             result["overlay"] = overlay(image, cams.max(0) if len(cams) else np.zeros(cams.shape[1:], np.float32))

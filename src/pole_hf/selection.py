@@ -16,19 +16,20 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from . import _clip_internals as internals
 from .atomic import atomic_write_text
+from .cam_inference import batched_cams
+from .image_processing_pole import PoleImageProcessor
 from .images import load_image
-from .images import pixel_values as to_pixel_values
 from .labels import class_indices
+from .objective import masked_images
 from .vocab import SELECTION_TEMPLATE, VOC_SYNONYMS
 
 SELECTION_FORMAT = "pole_hf.selection"
@@ -224,25 +225,18 @@ def clip_input_size(model, processor=None) -> tuple[int, int]:
     return int(size), int(size)
 
 
-def masked_pixel_values(image: Image.Image, cams: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:
-    """CAM-masked copies of one image, ready for CLIP: ``[k, 3, h, w]``.
-
-    The image is resized (bicubic) to `size` and scaled to [0, 1]; the CAMs ``[k, H, W]`` (any size) are resized
-    (bilinear) to `size` and clipped to [0, 1]; each masked image ``cam * image`` is normalised with `mean`/`std`.
+def masked_pixel_values(image: Image.Image, cams: torch.Tensor, size: tuple[int, int],
+                        processor: PoleImageProcessor) -> torch.Tensor:
+    """CAM-masked copies of one image, ready for CLIP: ``[k, 3, h, w]``: the image resized (bicubic) to `size`,
+    the CAMs ``[k, H, W]`` (any size) resized (bilinear) and clipped to [0, 1], ``cam * image`` in [0, 1] pixel
+    space (the rest turns black), normalised with the processor's mean and std (`pole_hf.objective.masked_images`).
     """
-    pixels = to_pixel_values(image, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0]  # [3, h, w] in [0, 1]
     maps = torch.as_tensor(cams, dtype=torch.float32).detach().cpu()
     if maps.ndim != 3:
         raise ValueError(f"CAMs of one image must have shape [k, H, W], got {tuple(maps.shape)}")
-    maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False).clamp(0, 1)
-    mean = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (maps * pixels[None] - mean) / std
-
-
-def _pooled(output) -> torch.Tensor:
-    """Projected features from `CLIPModel.get_*_features` (an output object in transformers 5, a tensor before)."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+    pixels = processor.pixel_values(image, size)
+    return masked_images(pixels, maps, torch.zeros(len(maps), dtype=torch.long), image_mean=processor.image_mean,
+                         image_std=processor.image_std)[0]
 
 
 @torch.no_grad()
@@ -263,7 +257,7 @@ def candidate_text_features(model, candidates: Mapping[str, Sequence[str]], temp
                          "tokens: use shorter candidate words or template")
     device = model.clip.device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    features = F.normalize(_pooled(model.clip.get_text_features(**inputs)).float(), dim=-1)
+    features = F.normalize(internals.projected(model.clip.get_text_features(**inputs)).float(), dim=-1)
     out, start = {}, 0
     for name, words in candidates.items():
         out[name] = features[start: start + len(words)]
@@ -282,10 +276,52 @@ def _unpack(item, position: int):
                      f"'labels', got {type(item).__name__}")
 
 
+class _MaskedImageScorer:
+    """Scores CAM-masked images against each class's candidate sentences, `batch_size` images per CLIP forward."""
+
+    def __init__(self, model, words: dict[str, list[str]], template: str, logit_scale: float, batch_size: int):
+        self.model, self.words, self.scale, self.batch_size = model, words, logit_scale, batch_size
+        self.text = candidate_text_features(model, words, template)
+        self.pending: list[tuple[int, str | None, str, torch.Tensor]] = []
+        self.choices: list[WordChoice] = []
+
+    def add(self, position: int, image_id: str | None, name: str, masked: torch.Tensor) -> None:
+        self.pending.append((position, image_id, name, masked))
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        clip = self.model.clip
+        batch = torch.cat([p[3] for p in self.pending]).to(clip.device, clip.dtype)
+        with torch.no_grad():
+            features = F.normalize(internals.projected(clip.get_image_features(pixel_values=batch)).float(), dim=-1)
+        for (position, image_id, name, _), feature in zip(self.pending, features):
+            probs = (self.scale * feature @ self.text[name].t()).softmax(-1).cpu().tolist()
+            words = self.words[name]
+            self.choices.append(WordChoice(position, image_id, name, words[int(np.argmax(probs))],
+                                           dict(zip(words, probs))))
+        self.pending.clear()
+
+
+def _given_maps(cams: Sequence, position: int, indices: list[int], scored: list[int]) -> torch.Tensor:
+    """The precomputed maps of one image's `scored` classes, from maps given in label order."""
+    maps = getattr(cams[position], "cams", cams[position])
+    maps = maps.detach().float().cpu() if isinstance(maps, torch.Tensor) else torch.as_tensor(
+        np.asarray(maps, dtype=np.float32))
+    if maps.ndim == 2:
+        maps = maps[None]
+    if maps.shape[0] != len(indices):
+        raise ValueError(f"cams[{position}] has {maps.shape[0]} maps for {len(indices)} labels: give one map "
+                         "per label, in label order")
+    return maps[[indices.index(i) for i in scored]]
+
+
 def select_class_words(model, images_and_labels: Iterable, candidates: Mapping[str, Sequence[str]] | None = None,
-                       processor=None, template: str = SELECTION_TEMPLATE, cams: Sequence | None = None,
-                       batch_size: int = 32, logit_scale: float | None = None, progress: bool = True,
-                       **cam_kwargs) -> SelectionResult:
+                       processor: PoleImageProcessor | None = None, template: str = SELECTION_TEMPLATE,
+                       cams: Sequence | None = None, batch_size: int = 32, logit_scale: float | None = None,
+                       progress: bool = True, cam_batch_size: int = 8, **cam_kwargs) -> SelectionResult:
     """POLE's class-token selection over a dataset.
 
     Args:
@@ -295,44 +331,39 @@ def select_class_words(model, images_and_labels: Iterable, candidates: Mapping[s
             `labels` and optionally `image_id` (a `datasets.Dataset` of `pole_hf.data`); `image` a PIL image, path
             or array; `labels` a class index (into `model.config.class_names`) or name, or a sequence of them.
         candidates: `{class_name: [words]}`; see [`resolve_candidates`] for the default and the rules.
-        processor: the base's image processor (`image_mean`, `image_std`, `crop_size`); `None` uses CLIP's
-            normalisation and the vision config's `image_size`.
+        processor: the model's [`PoleImageProcessor`] (normalisation; default `PoleImageProcessor.for_model`).
         template: the scoring sentence (POLE's `"A photo of {}."`).
         cams: optional precomputed CAMs aligned with the items: per image a `[k, H, W]` array or tensor (or an object
-            with `.cams`) in the order of that image's labels, any size. Default: [`CamEngine`] on the current prompts.
+            with `.cams`) in the order of that image's labels, any size. Default: the model's GradCAMs.
         batch_size: masked images per vision forward.
-        logit_scale: softmax temperature multiplier; default `model.logit_scale()`.
+        logit_scale: softmax temperature multiplier; default `model.get_logit_scale()`.
         progress: show a tqdm progress bar.
-        **cam_kwargs: passed to [`CamEngine.__call__`] (`scales`, `flip`, `refine`, ...).
+        cam_batch_size: images of one computation size per CAM call.
+        **cam_kwargs: `scales`, `flip`, `max_side` and `get_cams` options (`refine`, ...).
 
     Returns:
         [`SelectionResult`] with one [`WordChoice`] per (image, class) and the per-class summary.
     """
-    from .cam import CamEngine
-
     names = list(model.config.class_names)
     words = resolve_candidates(model, candidates)
-    mean = OPENAI_CLIP_MEAN if getattr(processor, "image_mean", None) is None else list(processor.image_mean)
-    std = OPENAI_CLIP_STD if getattr(processor, "image_std", None) is None else list(processor.image_std)
+    processor = processor or PoleImageProcessor.for_model(model)
     size = clip_input_size(model, processor)
-    norm = SimpleNamespace(image_mean=mean, image_std=std)
-    scale = float(model.logit_scale()) if logit_scale is None else float(logit_scale)
-    text = candidate_text_features(model, words, template)
-    engine = CamEngine(model) if cams is None else None
-    result = SelectionResult(candidates=words, template=template)
-    pending: list[tuple[int, str | None, str, torch.Tensor]] = []
+    scale = float(model.get_logit_scale()) if logit_scale is None else float(logit_scale)
+    scorer = _MaskedImageScorer(model, words, template, scale, batch_size)
+    chunk: list[tuple[int, str | None, Image.Image, list[int], list[int]]] = []
 
-    def flush():
-        if not pending:
-            return
-        batch = torch.cat([p[3] for p in pending]).to(model.clip.device, model.clip.dtype)
-        with torch.no_grad():
-            features = F.normalize(_pooled(model.clip.get_image_features(pixel_values=batch)).float(), dim=-1)
-        for (image_pos, image_id, name, _), feature in zip(pending, features):
-            probs = (scale * feature @ text[name].t()).softmax(-1).cpu().tolist()
-            result.choices.append(WordChoice(image_pos, image_id, name, words[name][int(np.argmax(probs))],
-                                             dict(zip(words[name], probs))))
-        pending.clear()
+    def score_chunk():
+        if cams is None:
+            outputs = batched_cams(model, processor, [c[2] for c in chunk], [c[4] for c in chunk],
+                                   batch_size=cam_batch_size, **cam_kwargs)
+            maps = [output.cams for output in outputs]
+        else:
+            maps = [_given_maps(cams, c[0], c[3], c[4]) for c in chunk]
+        for (position, image_id, image, _, scored), image_maps in zip(chunk, maps):
+            masked = masked_pixel_values(image, image_maps, size, processor)
+            for row, i in enumerate(scored):
+                scorer.add(position, image_id, names[i], masked[row: row + 1])
+        chunk.clear()
 
     total = len(images_and_labels) if hasattr(images_and_labels, "__len__") else None
     for position, item in enumerate(tqdm(images_and_labels, total=total, disable=not progress, desc="selection")):
@@ -341,29 +372,15 @@ def select_class_words(model, images_and_labels: Iterable, candidates: Mapping[s
         scored = [i for i in indices if len(words[names[i]]) > 1]
         for i in indices:  # a single candidate wins without scoring
             if len(words[names[i]]) == 1:
-                result.choices.append(WordChoice(position, image_id, names[i], words[names[i]][0],
+                scorer.choices.append(WordChoice(position, image_id, names[i], words[names[i]][0],
                                                  {words[names[i]][0]: 1.0}))
-        if not scored:
-            continue
-        image = load_image(image)
-        if cams is None:
-            maps = engine(image, norm, scored, **cam_kwargs).cams
-        else:
-            maps = getattr(cams[position], "cams", cams[position])
-            maps = maps.detach().float().cpu() if isinstance(maps, torch.Tensor) else torch.as_tensor(
-                np.asarray(maps, dtype=np.float32))
-            if maps.ndim == 2:
-                maps = maps[None]
-            if maps.shape[0] != len(indices):
-                raise ValueError(f"cams[{position}] has {maps.shape[0]} maps for {len(indices)} labels: give one map "
-                                 "per label, in label order")
-            maps = maps[[indices.index(i) for i in scored]]
-        masked = masked_pixel_values(image, maps, size, mean, std)
-        for row, i in enumerate(scored):
-            pending.append((position, image_id, names[i], masked[row: row + 1]))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+        if scored:
+            chunk.append((position, image_id, load_image(image), indices, scored))
+        if len(chunk) >= 4 * cam_batch_size:
+            score_chunk()
+    score_chunk()
+    scorer.flush()
+    result = SelectionResult(candidates=words, template=template, choices=scorer.choices)
     result.choices.sort(key=lambda c: (c.image, names.index(c.class_name)))
     return result
 

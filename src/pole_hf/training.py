@@ -20,6 +20,9 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from .data.spec import ExampleReader
+from .image_processing_pole import PoleImageProcessor
+
 __all__ = [
     "PixelDataset",
     "add_run_arguments",
@@ -52,25 +55,22 @@ class PixelDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, size: tuple[int, int], mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
-        from .data.spec import ExampleReader
-
         self.reader = ExampleReader(dataset)
         self.words = dataset["class_words"] if "class_words" in dataset.column_names else None
-        self.size, self.mean, self.std = tuple(size), mean, std
+        self.size = tuple(size)
+        self.processor = PoleImageProcessor(image_mean=mean, image_std=std, patch_size=1)
         self.skipped: list[str] = []
 
     def __len__(self):
         return len(self.reader)
 
     def __getitem__(self, index):
-        from .images import pixel_values
-
         example = self.reader[index]
         if example.image is None:
             logger.warning("skipping %s: %s", example.id, example.error)
             self.skipped.append(example.id)
             return torch.zeros(3, *self.size), [], []
-        pixels = pixel_values(example.image, self.size, self.mean, self.std)[0]
+        pixels = self.processor.pixel_values(example.image, self.size)[0]
         words = list(self.words[index]) if self.words is not None else []
         return pixels, sorted(set(example.labels)), words
 
