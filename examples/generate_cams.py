@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pole_hf import CamEngine
+from pole_hf import PoleImageProcessor, batched_cams
 from pole_hf.atomic import atomic_save_npy, atomic_save_png, atomic_write_text, remove_partial_files
 from pole_hf.data.spec import (
     SPEC_HELP,
@@ -39,9 +39,16 @@ from pole_hf.data.spec import (
 )
 from pole_hf.evaluation import ConfusionMatrix
 from pole_hf.loading import load_prompt_model
-from pole_hf.masks import cams_to_mask, class_scores, crf_refine, image_to_mask, mask_to_image, scores_to_mask
+from pole_hf.masks import (
+    BackgroundRule,
+    cams_to_mask,
+    class_scores,
+    crf_refine,
+    image_to_mask,
+    mask_to_image,
+    scores_to_mask,
+)
 from pole_hf.naming import confined_path, output_stems
-from pole_hf.pipeline_pole import load_image_processor
 from pole_hf.training import log_run_start
 from pole_hf.vocab import PROMPT_PRESETS
 
@@ -66,6 +73,8 @@ def parse_args(argv=None):
                         help="CAA boxes as CLIP-ES (the grid's last row/column never inside) or whole boxes")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--flip", action="store_true")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="images of one computation size per CAM call (VOC's images come in a few sizes)")
     parser.add_argument("--bg_power", type=float, default=1.0, help="background = (1 - max cam) ** bg_power")
     parser.add_argument("--crf", action="store_true", help="dense CRF on the class scores before the argmax "
                         "(CLIP-ES' pseudo masks; needs pydensecrf2)")
@@ -78,12 +87,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch_size {args.batch_size} must be at least 1")
     accelerator = Accelerator(cpu=args.cpu)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log_run_start(logger, accelerator, "generate_cams.py")
     model = load_prompt_model(args.model, base=args.base, preset=args.preset).to(accelerator.device)
-    processor = load_image_processor(model)
-    engine = CamEngine(model)
+    processor = PoleImageProcessor.for_model(model)
+    rule = BackgroundRule("power", args.bg_power)
     dataset = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
                                 image_size=args.image_size, class_names=model.config.class_names)
     names = class_names_of(dataset)
@@ -108,6 +119,31 @@ def main(argv=None) -> dict:
     matrix = ConfusionMatrix(len(names) + 1)
     done = computed = 0
     skipped: list[str] = []
+    pending = []  # examples whose CAMs are computed together: images of one size share a batched call
+
+    def compute_pending():
+        nonlocal computed
+        labelled = [e for e in pending if e.labels]
+        outputs = batched_cams(model, processor, [e.image for e in labelled], [sorted(set(e.labels)) for e in labelled],
+                               batch_size=args.batch_size, scales=tuple(args.scales), flip=args.flip,
+                               refine=args.refine, box_edges=args.box_edges)
+        found = {e.index: o.cams.numpy() for e, o in zip(labelled, outputs)}
+        for example in pending:
+            labels = sorted(set(example.labels))
+            cams = found.get(example.index, np.zeros((0, example.image.size[1], example.image.size[0]), np.float32))
+            ids = [i + 1 for i in labels]
+            if args.crf and labels:
+                pred = scores_to_mask(crf_refine(np.asarray(example.image), class_scores(cams, rule)), ids)
+            else:
+                pred = cams_to_mask(cams, ids, rule)
+            stem = stems[example.index]
+            atomic_save_npy(confined_path(cam_dir, f"{stem}.npy"), cams.astype(np.float16))
+            atomic_save_png(confined_path(mask_dir, f"{stem}.png"), mask_to_image(pred))
+            computed += 1
+            if example.mask is not None:
+                matrix.update(pred, example.mask)
+        pending.clear()
+
     for example in tqdm(iter_examples(dataset, shard), total=len(shard), disable=not accelerator.is_main_process,
                         desc="CAMs"):
         stem = stems[example.index]
@@ -116,29 +152,16 @@ def main(argv=None) -> dict:
             with Image.open(mask_path) as saved:
                 pred = image_to_mask(saved)
             done += 1
+            if example.mask is not None:
+                matrix.update(pred, example.mask)
         elif example.image is None:
             logger.warning("skipping %s: %s", example.id, example.error)
             skipped.append(example.id)
-            continue
         else:
-            labels = sorted(set(example.labels))
-            if labels:
-                output = engine(example.image, processor, labels, scales=tuple(args.scales), flip=args.flip,
-                                refine=args.refine, box_edges=args.box_edges)
-                cams = output.cams.numpy()
-            else:
-                cams = np.zeros((0, example.image.size[1], example.image.size[0]), np.float32)
-            ids = [i + 1 for i in labels]
-            if args.crf and labels:
-                scores = class_scores(cams, background="power", bg_power=args.bg_power)
-                pred = scores_to_mask(crf_refine(np.asarray(example.image), scores), ids)
-            else:
-                pred = cams_to_mask(cams, ids, background="power", bg_power=args.bg_power)
-            atomic_save_npy(cam_path, cams.astype(np.float16))
-            atomic_save_png(mask_path, mask_to_image(pred))
-            computed += 1
-        if example.mask is not None:
-            matrix.update(pred, example.mask)
+            pending.append(example)
+            if len(pending) >= 4 * args.batch_size:
+                compute_pending()
+    compute_pending()
     totals = torch.tensor(matrix.matrix, dtype=torch.int64, device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum").cpu().numpy()
     counts = accelerator.reduce(torch.tensor([done, computed, len(skipped)], device=accelerator.device),

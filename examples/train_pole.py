@@ -26,12 +26,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from pole_hf import CamEngine, PolePromptModel
+from pole_hf import PoleImageProcessor, PolePromptModel
 from pole_hf.atomic import atomic_write_text
 from pole_hf.bundled import TINY_CLIP
 from pole_hf.data.spec import SPEC_HELP, class_names_of, load_dataset_spec
-from pole_hf.objective import PoleObjective
-from pole_hf.pipeline_pole import load_image_processor
+from pole_hf.objective import PoleObjective, pairs_from_cams
 from pole_hf.training import (
     PixelDataset,
     add_run_arguments,
@@ -180,7 +179,7 @@ def training_function(args) -> dict:
     args.eval_set = load_dataset_spec(args.dataset, split=args.eval_split, num_images=args.eval_images, seed=0,
                                       image_size=args.image_size, class_names=class_names) if args.eval_split else None
     model = build_model(args, class_names).to(accelerator.device)
-    processor = load_image_processor(model)
+    processor = PoleImageProcessor.for_model(model)
     selection = None
     if args.select:
         from pole_hf.selection import load_candidates, select_class_words
@@ -209,14 +208,12 @@ def training_function(args) -> dict:
         accelerator.init_trackers("pole", config={k: v for k, v in vars(args).items() if v is not None})
     otm, btm, cbs = (float(w) for w in args.loss_weights.split(","))
     objective = PoleObjective(weights={"otm": otm, "btm": btm, "cbs": cbs}, image_feature=args.loss_image_feature)
-    engine = CamEngine(model)
     step, start_epoch, skip = 0, 0, 0
     if args.resume_from_checkpoint:
         path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" \
             else args.resume_from_checkpoint
         if path:
             step = load_checkpoint(accelerator, path, owned)
-            model._text_cache.clear()
             start_epoch, skip = divmod(step, steps_per_epoch)
             if accelerator.is_main_process:
                 logger.info("resumed from %s at step %d", os.path.basename(path), step)
@@ -229,15 +226,15 @@ def training_function(args) -> dict:
                 if step >= max_steps:
                     break
                 pixels = pixels.to(accelerator.device)
-                cams = [engine.grid_cams(pixels[i:i + 1], labels[i])[0] if labels[i] else
-                        pixels.new_zeros(0, 1, 1) for i in range(len(labels))]
                 total_pairs = accelerator.reduce(torch.tensor(pair_count(labels), device=accelerator.device), "sum")
                 if pair_count(labels):
+                    # the batch's CAMs in one forward and one batched backward, then the pairs' masked images
+                    cam_output = model.get_cams(pixels, labels)
+                    maps, images, classes = pairs_from_cams(cam_output.cams, cam_output.cam_classes)
                     with accelerator.autocast():
-                        out = objective(model, pixels, cams, labels)
-                    share = pair_count(labels) / max(int(total_pairs), 1)
-                    loss = share * (objective.weights["otm"] * out.otm + objective.weights["btm"] * out.btm) \
-                        + objective.weights["cbs"] * out.cbs
+                        out = objective(model, pixels, maps, classes, image_indices=images,
+                                        pair_share=pair_count(labels) / max(int(total_pairs), 1))
+                    loss = out.loss
                     terms = {"otm": out.otm.item(), "btm": out.btm.item(), "cbs": out.cbs.item()}
                 else:  # this process's slice of an uneven last batch is empty: it adds zero gradients
                     loss = sum((param * 0).sum() for param in params)
@@ -265,14 +262,14 @@ def training_function(args) -> dict:
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args.output_dir, step, owned)
                 if args.eval_every and step % args.eval_every == 0 and accelerator.is_main_process:
-                    accelerator.log({"cam_miou": evaluate(args, model, processor)}, step=step)
+                    accelerator.log({"cam_miou": cam_miou(args, model, processor)}, step=step)
             skip = 0
     finally:
         progress.close()
     accelerator.wait_for_everyone()
     result = {"steps": step, "history": history}
     if accelerator.is_main_process:
-        result["cam_miou"] = evaluate(args, model, processor) if args.eval_split else None
+        result["cam_miou"] = cam_miou(args, model, processor) if args.eval_split else None
         save_outputs(args, model, selection, result)
     accelerator.end_training()
     if accelerator.is_main_process:
@@ -284,7 +281,7 @@ def training_function(args) -> dict:
     return result
 
 
-def evaluate(args, model, processor) -> float | None:
+def cam_miou(args, model, processor) -> float | None:
     if not args.eval_split:
         return None
     from pole_hf.evaluation import evaluate_cams

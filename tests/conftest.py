@@ -51,6 +51,26 @@ def tiny_model(tiny_clip_dir):
 
 
 @pytest.fixture()
+def tiny_processor(tiny_model):
+    """The tiny model's PoleImageProcessor (the base CLIP's normalisation, patch 8)."""
+    from pole_hf import PoleImageProcessor
+
+    return PoleImageProcessor.for_model(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def random_image():
+    """`random_image(seed, height, width)`: a PIL RGB image of uniform random pixels."""
+    import numpy as np
+    from PIL import Image
+
+    def make(seed: int = 0, height: int = 40, width: int = 48):
+        return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+    return make
+
+
+@pytest.fixture()
 def world_prompts(tiny_clip_dir, tmp_path):
     """Prompts for the synthetic world's 8 classes on the random tiny CLIP, saved in a folder."""
     from pole_hf import PolePromptModel

@@ -7,7 +7,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pole_hf.caa import label_regions
-from pole_hf.cam import CamEngine, affinity_from_attention, box_mask, clip_es_position_embeddings, minmax
+from pole_hf import image_cams
+from pole_hf._clip_internals import clip_es_position_embeddings, vision_prefix
+from pole_hf.caa import affinity_from_attention, box_mask, minmax
+
+
+def grid_cams(model, pixels, targets, **options):
+    """One image's grid CAMs, class indices and scores from the model's batched output."""
+    out = model.get_cams(pixels, None if targets is None else [list(targets)], **options)
+    keep = out.cam_classes[0] >= 0
+    return out.cams[0][keep], out.cam_classes[0][keep], out.cam_scores[0][keep]
 
 
 def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -80,7 +89,7 @@ def straightforward_gradcam(model, pixels, targets, clip_es_positions=False):
 def test_engine_matches_straightforward_gradcam(tiny_model, size, positions):
     torch.manual_seed(1)
     pixels = torch.randn(1, 3, *size)
-    cams, indices, probs = CamEngine(tiny_model).grid_cams(pixels, [2, 0], **(
+    cams, indices, probs = grid_cams(tiny_model, pixels, [2, 0], **(
         {} if positions == "clip_es" else {"position_embedding": "bicubic"}))
     reference = straightforward_gradcam(tiny_model, pixels, [2, 0], clip_es_positions=positions == "clip_es")
     assert indices.tolist() == [2, 0]
@@ -90,30 +99,26 @@ def test_engine_matches_straightforward_gradcam(tiny_model, size, positions):
 
 
 def test_single_class_still_has_a_gradient(tiny_model):
-    cams, _, probs = CamEngine(tiny_model).grid_cams(torch.randn(1, 3, 32, 32), [1])
+    cams, _, probs = grid_cams(tiny_model, torch.randn(1, 3, 32, 32), [1])
     assert probs.item() < 1.0  # background words share the softmax
     assert cams.max() > 0.99
 
 
 def test_predicted_targets_without_labels(tiny_model):
-    engine = CamEngine(tiny_model)
     pixels = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        probs = tiny_model(pixels).logits.new_tensor(0)  # noqa: F841 (forward works under no_grad)
-        logits = torch.cat([tiny_model(pixels).logits, tiny_model(pixels).background_logits], 1)[0]
+    with torch.no_grad():  # forward works under no_grad (the pipelines call it so)
+        output = tiny_model(pixels)
+        logits = torch.cat([output.logits, output.background_logits], 1)[0]
     expected = torch.nonzero(logits.softmax(-1)[:3] >= tiny_model.config.prediction_threshold).flatten().tolist()
-    _, indices, _ = engine.grid_cams(pixels, None)
+    _, indices, _ = grid_cams(tiny_model, pixels, None)
+    assert output.cam_classes[0].tolist() == indices.tolist()
     assert indices.tolist() == (expected or [int(logits[:3].argmax())])
 
 
 @pytest.mark.parametrize("size", [(53, 37), (375, 500)])
-def test_maps_come_back_at_the_input_size(tiny_model, tiny_clip_dir, size):
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
+def test_maps_come_back_at_the_input_size(tiny_model, tiny_processor, random_image, size):
     height, width = size
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
-    output = CamEngine(tiny_model)(image, processor, [0, 1], max_side=128)
+    output = image_cams(tiny_model, tiny_processor, random_image(0, height, width), [0, 1], max_side=128)
     assert output.cams.shape == (2, height, width) and output.cams.dtype == torch.float32
     grid_h, grid_w = output.grid_cams.shape[1:]
     scale = min(1.0, 128 / max(height, width))
@@ -121,25 +126,18 @@ def test_maps_come_back_at_the_input_size(tiny_model, tiny_clip_dir, size):
     assert torch.isfinite(output.cams).all() and output.cams.max() <= 1.0
 
 
-def test_flip_and_scales_average(tiny_model, tiny_clip_dir):
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8))
-    engine = CamEngine(tiny_model)
-    single = engine(image, processor, [0]).cams
-    flipped = engine(image.transpose(Image.FLIP_LEFT_RIGHT), processor, [0]).cams.flip(-1)
-    both = engine(image, processor, [0], flip=True).cams
+def test_flip_and_scales_average(tiny_model, tiny_processor, random_image):
+    image = random_image(1, 40, 48)
+    single = image_cams(tiny_model, tiny_processor, image, [0]).cams
+    flipped = image_cams(tiny_model, tiny_processor, image.transpose(Image.FLIP_LEFT_RIGHT), [0]).cams.flip(-1)
+    both = image_cams(tiny_model, tiny_processor, image, [0], flip=True).cams
     torch.testing.assert_close(both, (single + flipped) / 2, atol=1e-5, rtol=0)
-    multi = engine(image, processor, [0], scales=(1.0, 1.5)).cams
+    multi = image_cams(tiny_model, tiny_processor, image, [0], scales=(1.0, 1.5)).cams
     assert multi.shape == single.shape and not torch.allclose(multi, single)
 
 
-def test_all_black_image_gives_defined_maps(tiny_model, tiny_clip_dir):
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
-    output = CamEngine(tiny_model)(Image.new("RGB", (32, 32)), processor, [0, 2], refine=True)
+def test_all_black_image_gives_defined_maps(tiny_model, tiny_processor):
+    output = image_cams(tiny_model, tiny_processor, Image.new("RGB", (32, 32)), [0, 2], refine=True)
     assert torch.isfinite(output.cams).all()
 
 
@@ -150,7 +148,7 @@ def test_affinity_is_symmetric_and_refinement_stays_in_boxes(tiny_model):
     cam = torch.zeros(1, 4, 3)
     cam[0, 0, 0] = 1.0
     assert box_mask(cam[0].numpy()).sum() == 1
-    cams, _, _ = CamEngine(tiny_model).grid_cams(torch.randn(1, 3, 32, 40), [0, 1], refine=True)
+    cams, _, _ = grid_cams(tiny_model, torch.randn(1, 3, 32, 40), [0, 1], refine=True)
     assert cams.shape == (2, 4, 5) and torch.isfinite(cams).all() and cams.max() > 0.99
 
 
@@ -242,7 +240,7 @@ def test_minmax_uses_clip_es_epsilon():
 
 def test_76_patch_input_works(tiny_model):
     """CLIP-ES's text/vision switch on 77 tokens crashes here; the engine takes 19 x 4 patches (152 x 32 px)."""
-    cams, _, _ = CamEngine(tiny_model).grid_cams(torch.randn(1, 3, 32, 152), [0, 1], refine=True)
+    cams, _, _ = grid_cams(tiny_model, torch.randn(1, 3, 32, 152), [0, 1], refine=True)
     assert cams.shape == (2, 4, 19) and torch.isfinite(cams).all()
 
 
@@ -251,12 +249,9 @@ def test_minmax_constant_map_is_zero():
     assert torch.count_nonzero(maps) == 0
 
 
-def test_images_smaller_than_a_patch_are_refused(tiny_model, tiny_clip_dir):
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
+def test_images_smaller_than_a_patch_are_refused(tiny_model, tiny_processor):
     with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
-        CamEngine(tiny_model)(Image.new("RGB", (7, 30)), processor, [0])
+        image_cams(tiny_model, tiny_processor, Image.new("RGB", (7, 30)), [0])
 
 
 def test_caa_attention_from_the_forward_equals_a_second_pass(tiny_model):
@@ -282,13 +277,12 @@ def test_caa_attention_from_the_forward_equals_a_second_pass(tiny_model):
         q = attn.q_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
         k = attn.k_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
         probs.append(torch.softmax(q @ k.transpose(1, 2) * attn.scale, -1).mean(0))
-    engine = CamEngine(tiny_model)
-    with torch.no_grad():  # the blocks before the last: their outputs and their attention, from one pass
-        hidden, attention = engine._prefix(pixels, caa_layers=len(layers), position_embedding="bicubic")
+    # the blocks before the last: their outputs and their attention, from one pass
+    hidden, attention = vision_prefix(clip.vision_model, pixels, caa_layers=len(layers), position_embedding="bicubic")
     torch.testing.assert_close(hidden, inputs[-1], atol=1e-6, rtol=0)
     torch.testing.assert_close(attention[0], sum(probs[:-1]), atol=1e-6, rtol=0)
-    raw, _, _ = engine.grid_cams(pixels, [0, 2], position_embedding="bicubic")
-    refined, _, _ = engine.grid_cams(pixels, [0, 2], refine=True, position_embedding="bicubic")
+    raw, _, _ = grid_cams(tiny_model, pixels, [0, 2], position_embedding="bicubic")
+    refined, _, _ = grid_cams(tiny_model, pixels, [0, 2], refine=True, position_embedding="bicubic")
     affinity = affinity_from_attention(torch.stack(probs[-8:]).mean(0)[1:, 1:])
     # float32 reordering (1e-6 in the raw maps) grows a little through the refined maps' min-max
     torch.testing.assert_close(refined, refine_with_affinity(raw, affinity), atol=1e-4, rtol=0)

@@ -14,7 +14,7 @@ from pole_hf.evaluation import (
     load_mean_iou_metric,
     metric_path,
 )
-from pole_hf.masks import cams_to_mask
+from pole_hf.masks import BackgroundRule, cams_to_mask
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -161,7 +161,7 @@ def test_threshold_sweep_uses_cams_to_mask_and_finds_the_gap():
     for cams, ids, target in _sweep_images():
         sweep.update(cams, ids, target)
         for value, matrix in zip(thresholds, expected):
-            matrix.update(cams_to_mask(cams, ids, background="threshold", bg_threshold=value), target)
+            matrix.update(cams_to_mask(cams, ids, BackgroundRule("threshold", threshold=value)), target)
     curve = sweep.curve()
     assert [t for t, _ in curve] == thresholds
     assert [m for _, m in curve] == pytest.approx([m.miou() for m in expected])

@@ -10,6 +10,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from pole_hf.masks import (
+    BackgroundRule,
     IGNORE_ID,
     VOC_PALETTE,
     background_score,
@@ -43,7 +44,7 @@ def cams_and_ids(draw, max_classes=4):
 @given(cams_and_ids(), st.sampled_from(["power", "threshold"]), st.sampled_from([1.0, 2.0]), st.floats(0.05, 0.95))
 def test_only_given_classes_and_background_appear(data, mode, power, threshold):
     cams, ids = data
-    mask = cams_to_mask(cams, ids, background=mode, bg_power=power, bg_threshold=threshold)
+    mask = cams_to_mask(cams, ids, BackgroundRule(mode, power, threshold))
     assert mask.dtype == np.uint8 and mask.shape == cams.shape[1:]
     assert set(np.unique(mask)) <= {0, *ids}
 
@@ -52,7 +53,7 @@ def test_only_given_classes_and_background_appear(data, mode, power, threshold):
 @given(cams_and_ids())
 def test_argmax_rule_matches_definition(data):
     cams, ids = data
-    mask = cams_to_mask(cams, ids, background="power", bg_power=2.0)
+    mask = cams_to_mask(cams, ids, BackgroundRule("power", 2.0))
     if not ids:
         assert (mask == 0).all()
         return
@@ -69,8 +70,8 @@ def test_argmax_rule_matches_definition(data):
 @given(cams_and_ids(), st.floats(0.0, 1.0))
 def test_ignore_only_where_low_confidence(data, ignore_below):
     cams, ids = data
-    plain = cams_to_mask(cams, ids, background="threshold", bg_threshold=0.3)
-    ignored = cams_to_mask(cams, ids, background="threshold", bg_threshold=0.3, ignore_below=ignore_below)
+    plain = cams_to_mask(cams, ids, BackgroundRule("threshold", threshold=0.3))
+    ignored = cams_to_mask(cams, ids, BackgroundRule("threshold", threshold=0.3), ignore_below=ignore_below)
     if not ids:
         assert (ignored == 0).all()
         return
@@ -81,7 +82,7 @@ def test_ignore_only_where_low_confidence(data, ignore_below):
 
 @pytest.mark.parametrize("mode", ["power", "threshold"])
 def test_all_zero_cams_give_background(mode):
-    mask = cams_to_mask(np.zeros((3, 5, 7), np.float32), [1, 5, 9], background=mode, bg_threshold=0.1)
+    mask = cams_to_mask(np.zeros((3, 5, 7), np.float32), [1, 5, 9], BackgroundRule(mode, threshold=0.1))
     assert mask.shape == (5, 7) and (mask == 0).all()
 
 
@@ -92,10 +93,10 @@ def test_no_classes_gives_background():
 
 def test_power_background_is_clip_es_rule():
     cams = np.array([[[0.2, 0.9]], [[0.5, 0.1]]], np.float32)
-    np.testing.assert_allclose(background_score(cams, "power", 2.0), [[0.25, 0.01]], rtol=1e-6)
-    assert cams_to_mask(cams, [4, 7], bg_power=2.0).tolist() == [[7, 4]]
-    assert cams_to_mask(cams, [4, 7], background="threshold", bg_threshold=0.6).tolist() == [[0, 4]]
-    scores = class_scores(cams, "threshold", bg_threshold=0.6)
+    np.testing.assert_allclose(background_score(cams, BackgroundRule("power", 2.0)), [[0.25, 0.01]], rtol=1e-6)
+    assert cams_to_mask(cams, [4, 7], BackgroundRule(power=2.0)).tolist() == [[7, 4]]
+    assert cams_to_mask(cams, [4, 7], BackgroundRule("threshold", threshold=0.6)).tolist() == [[0, 4]]
+    scores = class_scores(cams, BackgroundRule("threshold", threshold=0.6))
     assert scores.shape == (3, 1, 2) and np.allclose(scores[0], 0.6)
 
 
@@ -111,7 +112,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="class id 0"):
         cams_to_mask(np.zeros((1, 3, 3)), [0])
     with pytest.raises(ValueError, match="background must be"):
-        cams_to_mask(np.zeros((1, 3, 3)), [1], background="otsu")
+        cams_to_mask(np.zeros((1, 3, 3)), [1], BackgroundRule("otsu"))
     with pytest.raises(ValueError, match="scores must have shape"):
         scores_to_mask(np.zeros((2, 3, 3)), [1, 2])
 

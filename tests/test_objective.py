@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pole_hf import CamEngine, PolePromptModel
+from pole_hf import PolePromptModel
 from pole_hf.objective import (
     PoleObjective,
     btm_loss,
@@ -151,14 +151,21 @@ def test_optimizer_steps_reduce_the_loss(tiny_clip_dir):
     assert all(b.loss <= a.loss for a, b in itertools.pairwise(history))
 
 
-def test_with_cam_engine_maps_and_no_pairs(tiny_model):
+def test_with_the_models_cams_and_no_pairs(tiny_model):
+    from pole_hf.objective import pairs_from_cams
+
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 32, 40)
-    engine = CamEngine(tiny_model)
     labels = [[1], [0, 2]]
-    cams = [engine.grid_cams(pixels[i: i + 1], labels[i])[0] for i in range(2)]  # [k, 4, 5] patch-grid maps
-    out = PoleObjective()(tiny_model, pixels, cams, labels)
+    output = tiny_model.get_cams(pixels, labels)  # [2, 2, 4, 5] patch-grid maps, the first image's second slot empty
+    maps, images, classes = pairs_from_cams(output.cams, output.cam_classes)
+    assert images.tolist() == [0, 1, 1] and classes.tolist() == [1, 0, 2]
+    cams = [maps[:1], maps[1:]]
+    out = PoleObjective()(tiny_model, pixels, maps, classes, image_indices=images)
     assert out.fg_scores.shape == (3,) and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, PoleObjective()(tiny_model, pixels, cams, labels).loss)
+    half = PoleObjective()(tiny_model, pixels, maps, classes, image_indices=images, pair_share=0.5)
+    torch.testing.assert_close(half.loss, 0.5 * (10 * out.otm + 25 * out.btm) + out.cbs)
     empty = PoleObjective()(tiny_model, pixels, [torch.zeros(0, 4, 5)] * 2, [[], []])
     assert empty.loss.item() == 0.0 and empty.loss.requires_grad
     with pytest.raises(ValueError, match="must lie in"):

@@ -34,22 +34,20 @@ def test_threshold_sweep_ties_go_to_the_first_setting():
     assert sweep.best() == (0.3, 1.0)
 
 
-class MaskEngine:
-    """Stands in for the CAM engine: the map of class c is where the image's red channel equals 40 (c + 1)."""
-
-    def __init__(self, model):
-        pass
-
-    def __call__(self, image, processor, labels, refine=False, **options):
+def mask_cams(model, processor, images, class_indices, **options):
+    """Stands in for the model's CAMs: the map of class c is where the image's red channel equals 40 (c + 1)."""
+    outputs = []
+    for image, labels in zip(images, class_indices):
         red = np.asarray(image)[..., 0].astype(np.int64)
         cams = np.stack([(red == 40 * (label + 1)).astype(np.float32) for label in labels])
-        return type("Out", (), {"cams": torch.from_numpy(cams)})()
+        outputs.append(type("Out", (), {"cams": torch.from_numpy(cams)})())
+    return outputs
 
 
 def test_evaluate_cams_scores_perfect_maps_as_perfect(tiny_model, monkeypatch):
-    import pole_hf.pipeline_pole
+    import pole_hf.evaluation
 
-    monkeypatch.setattr(pole_hf.pipeline_pole, "cam_engine", MaskEngine)
+    monkeypatch.setattr(pole_hf.evaluation, "batched_cams", mask_cams)
     masks = [np.array([[0, 1, 1, 0], [0, 3, 3, 0], [0, 0, 0, 0]], np.uint8),
              np.array([[2, 2, 0, 0], [2, 2, 0, 1], [0, 0, 0, 1]], np.uint8)]
     images = [Image.fromarray(np.stack([m.astype(np.uint8) * 40] * 3, -1)) for m in masks]

@@ -35,7 +35,7 @@ def test_round_trip_gives_identical_logits(saved):
 
 def test_prompts_file_holds_only_prompt_tensors(saved):
     model, path = saved
-    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert keys and all(k.startswith("prompt_learner.") for k in keys)

@@ -1,6 +1,7 @@
 """POLE class-token selection: argmax against an independent computation, summary rules, JSON, applying winners."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from pole_hf import PolePromptModel
+from pole_hf import PoleImageProcessor, PolePromptModel
 from pole_hf.labels import class_indices
 from pole_hf.selection import (
     SelectionResult,
@@ -62,7 +63,8 @@ def test_constructed_image_feature_picks_its_sentence(tiny_model, tiny_clip, tin
 
     def fake_image_features(pixel_values):
         calls.append(pixel_values.shape[0])
-        return target.expand(pixel_values.shape[0], -1) * 3.0  # not normalised: selection normalises
+        # not normalised: selection normalises; transformers 5 returns an output object
+        return SimpleNamespace(pooler_output=target.expand(pixel_values.shape[0], -1) * 3.0)
 
     monkeypatch.setattr(tiny_model.clip, "get_image_features", fake_image_features)
     items = [(random_image(i), ["cat"]) for i in range(3)]
@@ -185,7 +187,7 @@ def test_masked_pixel_values_mask_in_pixel_space():
     image = Image.new("RGB", (20, 10), (255, 255, 255))
     cams = torch.zeros(1, 10, 20)
     cams[0, :, 10:] = 1.0
-    masked = masked_pixel_values(image, cams, (10, 20), [0.5] * 3, [0.25] * 3)
+    masked = masked_pixel_values(image, cams, (10, 20), PoleImageProcessor(image_mean=[0.5] * 3, image_std=[0.25] * 3))
     assert masked.shape == (1, 3, 10, 20)
     assert torch.allclose(masked[0, :, :, :8], torch.tensor(-2.0))  # black, normalised
     assert torch.allclose(masked[0, :, :, 12:], torch.tensor(2.0))  # white, normalised

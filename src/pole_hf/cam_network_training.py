@@ -177,19 +177,19 @@ def select_pair_words(network, prompt_model, dataset, candidates=None, progress:
 
     Returns the [`SelectionResult`]; `pole_hf.selection.with_pair_words` writes its words beside the dataset.
     """
+    from .cam_inference import batched_cams
     from .data.spec import iter_examples
-    from .modeling_pole_cam_network import CamNetworkEngine
-    from .pipeline_pole import load_image_processor
+    from .image_processing_pole import PoleImageProcessor
     from .selection import select_class_words
 
-    engine = CamNetworkEngine(network.eval())
-    items, cams = [], []
-    for example in iter_examples(dataset):
-        labels = list(dict.fromkeys(example.labels))
-        items.append((example.image, labels, example.id))
-        cams.append(engine(example.image, None, labels).cams if labels else torch.zeros(0, 1, 1))
-    return select_class_words(prompt_model, items, candidates=candidates, processor=load_image_processor(
-        prompt_model), cams=cams, progress=progress)
+    items = [(e.image, list(dict.fromkeys(e.labels)), e.id) for e in iter_examples(dataset)]
+    labelled = [i for i, item in enumerate(items) if item[1]]
+    computed = batched_cams(network.eval(), PoleImageProcessor.for_model(network), [items[i][0] for i in labelled],
+                            [items[i][1] for i in labelled])
+    cams = [torch.zeros(0, 1, 1)] * len(items)
+    for i, output in zip(labelled, computed):
+        cams[i] = output.cams
+    return select_class_words(prompt_model, items, candidates=candidates, cams=cams, progress=progress)
 
 
 def run_selection(args) -> dict:
@@ -260,9 +260,9 @@ def training_function(args) -> dict:
                                                               if isinstance(v, (int, float, str, bool))})
     clip_norm = None
     if prompt_model is not None:
-        from .pipeline_pole import load_image_processor
+        from .image_processing_pole import PoleImageProcessor
 
-        processor = load_image_processor(prompt_model)
+        processor = PoleImageProcessor.for_model(prompt_model)
         clip_norm = (processor.image_mean, processor.image_std)
     step, start_epoch, skip = 0, 0, 0
     if args.resume_from_checkpoint:
@@ -270,8 +270,6 @@ def training_function(args) -> dict:
             else args.resume_from_checkpoint
         if path:
             step = load_checkpoint(accelerator, path, owned)
-            if prompt_model is not None:
-                prompt_model._text_cache.clear()
             for _ in range(step):  # the poly rate is a function of the step alone
                 scheduler.step()
             start_epoch, skip = divmod(step, steps_per_epoch)

@@ -108,7 +108,6 @@ def cmd_eval(args) -> None:
 
 def cmd_select(args) -> None:
     from .data.spec import load_dataset_spec
-    from .pipeline_pole import load_image_processor
     from .selection import select_class_words
 
     model = _model(args.model, args.base, args.preset)
@@ -119,8 +118,7 @@ def cmd_select(args) -> None:
     if args.candidates:
         with open(args.candidates, encoding="utf-8") as f:
             candidates = json.load(f)
-    result = select_class_words(model, dataset, candidates=candidates, processor=load_image_processor(model),
-                                progress=not args.quiet)
+    result = select_class_words(model, dataset, candidates=candidates, progress=not args.quiet)
     os.makedirs(args.out, exist_ok=True)
     result.save(os.path.join(args.out, "selection.json"))
     result.apply(model)

@@ -17,6 +17,8 @@ from PIL import Image, ImageDraw
 
 from .atomic import atomic_save_png, atomic_write_text
 from .bundled import TINY_CLIP, TINY_PROMPTS
+from .cam_inference import image_cams
+from .image_processing_pole import PoleImageProcessor
 
 VARIANT_COLOURS = {"official names": (150, 150, 150), "selected words": (70, 130, 200), "learned tokens": (220, 120,
                                                                                                         40)}
@@ -26,7 +28,6 @@ def demo_models(base: str | None = None, selection_images: int = 60, progress: b
     """The three prompt variants on the bundled tiny CLIP (or `base`): official names, selected words, learned."""
     from . import PolePromptModel
     from .data import SyntheticWorld, load_synthetic
-    from .pipeline_pole import load_image_processor
     from .selection import select_class_words
 
     world = SyntheticWorld()
@@ -37,7 +38,7 @@ def demo_models(base: str | None = None, selection_images: int = 60, progress: b
     candidates = world.candidates
     pool = load_synthetic(num_images=selection_images, seed=1, image_size=official.clip.config.vision_config.image_size,
                           split="selection")
-    result = select_class_words(selected, pool, candidates=candidates, processor=load_image_processor(selected),
+    result = select_class_words(selected, pool, candidates=candidates, processor=PoleImageProcessor.for_model(selected),
                                 progress=progress)
     result.apply(selected)
     models = {"official names": official, "selected words": selected}
@@ -113,7 +114,6 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
     from .data import load_synthetic
     from .evaluation import evaluate_cams
     from .masks import overlay_mask
-    from .pipeline_pole import load_image_processor
 
     start = time.time()
     print("pole-hf demo: runs offline on the tiny CLIP bundled with pole_hf and the synthetic world "
@@ -125,7 +125,7 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
     first = next(iter(models.values()))
     size = first.clip.config.vision_config.image_size
     heldout = load_synthetic(num_images=num_images, seed=seed, image_size=size, split="test")
-    processor = load_image_processor(first)
+    processor = PoleImageProcessor.for_model(first)
     use_crf = crf_available()
     results = {}
     for variant, model in models.items():
@@ -179,7 +179,6 @@ def _segmentation_column(models: dict, output_dir: str, run_options: Sequence[st
 
 
 def _write_overlays(models, dataset, processor, output_dir, overlay_mask, count: int = 4) -> None:
-    from .cam import CamEngine
     from .masks import cams_to_mask
 
     for index in range(min(count, len(dataset))):
@@ -187,7 +186,7 @@ def _write_overlays(models, dataset, processor, output_dir, overlay_mask, count:
         image, labels = item["image"].convert("RGB"), sorted(set(item["labels"]))
         tiles = [image]
         for model in models.values():
-            cams = CamEngine(model)(image, processor, labels).cams.numpy()
+            cams = image_cams(model, processor, image, labels).cams.numpy()
             tiles.append(overlay_mask(image, cams_to_mask(cams, [i + 1 for i in labels])))
         names = dataset.features["labels"].feature.names
         footer = "labels: " + ", ".join(names[i] for i in labels) if labels else "labels: none"

@@ -173,8 +173,9 @@ class PoleObjective(nn.Module):
 
     Example:
         ```python
-        cams = [engine.grid_cams(pixels[i : i + 1], labels[i])[0] for i in range(len(pixels))]  # no grad needed
-        out = objective(model, pixels, cams, labels)  # labels: per-image lists of class indices
+        cams = model.get_cams(pixels, labels)  # labels: per-image lists of class indices; no grad needed
+        maps, images, classes = pairs_from_cams(cams.cams, cams.cam_classes)
+        out = objective(model, pixels, maps, classes, image_indices=images)
         out.loss.backward()
         ```
     """
@@ -202,10 +203,10 @@ class PoleObjective(nn.Module):
 
     def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised features ``[N, D]`` of (masked) images: frozen CLIP, gradients only into visual adapters."""
-        return model.get_image_features(pixel_values, kind=self.image_feature)
+        return model.get_image_features(pixel_values, image_feature=self.image_feature)
 
     def losses(self, fg_features: torch.Tensor, bg_features: torch.Tensor, text_features: torch.Tensor,
-               class_indices: torch.Tensor, num_classes: int) -> PoleLossOutput:
+               class_indices: torch.Tensor, num_classes: int, pair_share: float = 1.0) -> PoleLossOutput:
         """The losses from L2-normalised features.
 
         Args:
@@ -214,6 +215,9 @@ class PoleObjective(nn.Module):
             text_features (`torch.FloatTensor` of shape `(C + B, D)`): class prompts, then background prompts.
             class_indices (`torch.LongTensor` of shape `(P,)`): the class of each pair.
             num_classes: C.
+            pair_share: this batch's share of the pairs of a global batch split over processes (its pairs over
+                all pairs): OTM and BTM are means over pairs, so `loss` weighs them by it, and the sum of the
+                processes' gradients is the global batch's (CBS is a sum and needs no share).
         """
         text = text_features.float()
         fg, bg = fg_features.float(), bg_features.float()
@@ -231,13 +235,13 @@ class PoleObjective(nn.Module):
             cbs, counted = cbs_loss(fg @ background.t(), self.cbs_threshold, self.clamp)
         else:
             cbs, counted = fg.sum() * 0.0, torch.zeros((), dtype=torch.long)
-        loss = self.weights["otm"] * otm + self.weights["btm"] * btm + self.weights["cbs"] * cbs
+        loss = pair_share * (self.weights["otm"] * otm + self.weights["btm"] * btm) + self.weights["cbs"] * cbs
         return PoleLossOutput(loss=loss, otm=otm, btm=btm, cbs=cbs, fg_scores=fg_scores, bg_scores=bg_scores,
                               cbs_pairs=counted)
 
     def forward(self, model, pixel_values: torch.Tensor, cams, class_indices, image_indices=None,
                 size: tuple[int, int] | None = None, image_mean: Sequence[float] | None = None,
-                image_std: Sequence[float] | None = None) -> PoleLossOutput:
+                image_std: Sequence[float] | None = None, pair_share: float = 1.0) -> PoleLossOutput:
         """POLE's loss for a batch.
 
         Args:
@@ -250,6 +254,7 @@ class PoleObjective(nn.Module):
                 for ``[N, K, h, w]``; ``[P]`` for ``[P, h, w]``; per-image lists for a list of ``[k_i, h, w]``.
             image_indices: the image of each map for the ``[P, h, w]`` layout.
             size, image_mean, image_std: see [`masked_images`].
+            pair_share: see [`losses`].
         """
         maps, _ = flatten_pairs(cams, pixel_values.shape[0], image_indices)
         classes = _flatten_classes(class_indices, cams, maps.shape[0])
@@ -260,9 +265,17 @@ class PoleObjective(nn.Module):
         text = model.get_text_features()
         if pairs == 0:
             empty = text.new_zeros(0, text.shape[-1])
-            return self.losses(empty, empty, text, classes, model.config.num_classes)
+            return self.losses(empty, empty, text, classes, model.config.num_classes, pair_share)
         features = self.image_features(model, torch.cat([fg, bg]))  # one vision forward for both halves
-        return self.losses(features[:pairs], features[pairs:], text, classes, model.config.num_classes)
+        return self.losses(features[:pairs], features[pairs:], text, classes, model.config.num_classes, pair_share)
+
+
+def pairs_from_cams(cams: torch.Tensor, cam_classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (image, class) pairs of a model's CAM output (`cams [B, K, h, w]`, `cam_classes [B, K]`, `-1` padding):
+    ``(maps [P, h, w], image_indices [P], class_indices [P])``, the ``[P, h, w]`` layout of [`flatten_pairs`]."""
+    valid = cam_classes >= 0
+    rows = torch.arange(cams.shape[0], device=cam_classes.device)[:, None].expand_as(cam_classes)
+    return cams[valid.to(cams.device)], rows[valid].cpu(), cam_classes[valid].cpu()
 
 
 def _flatten_classes(class_indices, cams, pairs: int) -> torch.Tensor:
@@ -280,4 +293,5 @@ def _flatten_classes(class_indices, cams, pairs: int) -> torch.Tensor:
     return classes
 
 
-__all__ = ["PoleLossOutput", "PoleObjective", "btm_loss", "cbs_loss", "flatten_pairs", "masked_images", "otm_loss"]
+__all__ = ["PoleLossOutput", "PoleObjective", "btm_loss", "cbs_loss", "flatten_pairs", "masked_images", "otm_loss",
+           "pairs_from_cams"]

@@ -94,7 +94,6 @@ def _select(args, folder: str, image_size: int) -> None:
     from . import PolePromptModel
     from .bundled import TINY_CLIP
     from .data.spec import class_names_of, load_dataset_spec
-    from .pipeline_pole import load_image_processor
     from .selection import select_class_words
 
     dataset = load_dataset_spec(args.dataset, split="train", num_images=args.select_images, seed=args.seed,
@@ -106,8 +105,7 @@ def _select(args, folder: str, image_size: int) -> None:
         world = SyntheticWorld()
         options["background_words"], candidates = world.background_kinds, world.candidates
     model = PolePromptModel.from_clip(args.base or TINY_CLIP, class_names=class_names_of(dataset), **options)
-    result = select_class_words(model, dataset, candidates=candidates, processor=load_image_processor(model),
-                                progress=False)
+    result = select_class_words(model, dataset, candidates=candidates, progress=False)
     result.apply(model)
     model.save_pretrained(folder)
     result.save(os.path.join(folder, "selection.json"))
