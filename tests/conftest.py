@@ -50,6 +50,14 @@ def tiny_model(tiny_clip_dir):
                                      background_words=TINY_BACKGROUND)
 
 
+@pytest.fixture(scope="session")
+def bundled_prompts():
+    """The prompts bundled with pole_hf on the bundled tiny CLIP (trained on the synthetic world); read-only."""
+    from pole_hf import TINY_PROMPTS, PolePromptModel
+
+    return PolePromptModel.from_pretrained(TINY_PROMPTS)
+
+
 @pytest.fixture()
 def tiny_processor(tiny_model):
     """The tiny model's PoleImageProcessor (the base CLIP's normalisation, patch 8)."""

@@ -48,7 +48,8 @@ def test_push_pull_pipeline_round_trip(local_hub, hub_base, tmp_path, monkeypatc
     repo = f"{local_hub.user}/prompts"
     assert repo in url
     files = set(HfApi().list_repo_files(repo))
-    assert files == {".gitattributes", "config.json", "model.safetensors", "README.md"}  # no CLIP weights
+    assert files == {".gitattributes", "config.json", "model.safetensors", "preprocessor_config.json",
+                     "README.md"}  # no CLIP weights
 
     fresh_cache(local_hub, tmp_path, monkeypatch, "empty-cache")
     pipe = pipeline("pole-cam", model=repo)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pole_hf.atomic import atomic_path, atomic_write_text, remove_partial_files
-from pole_hf.cam import CamEngine
+from pole_hf import image_cams
 from pole_hf.images import ImageInputError, load_image
 
 
@@ -45,24 +45,17 @@ def test_folder_and_unsupported_types():
         load_image(3)
 
 
-def test_one_pixel_image_is_refused_by_the_engine(tiny_model, tiny_clip_dir):
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
+def test_one_pixel_image_is_refused_by_the_processor(tiny_model, tiny_processor):
     image = load_image(np.zeros((1, 1, 3), np.uint8))
     assert image.size == (1, 1)
     with pytest.raises(ValueError, match="1x1 is smaller than one 8x8 patch"):
-        CamEngine(tiny_model)(image, processor, [0])
+        image_cams(tiny_model, tiny_processor, image, [0])
 
 
-def test_cams_are_deterministic(tiny_model, tiny_clip_dir):
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
-    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 40, 3), dtype=np.uint8))
-    engine = CamEngine(tiny_model)
-    first = engine(image, processor, [0, 1], refine=True).cams
-    second = engine(image, processor, [0, 1], refine=True).cams
+def test_cams_are_deterministic(tiny_model, tiny_processor, random_image):
+    image = random_image(3, 40, 40)
+    first = image_cams(tiny_model, tiny_processor, image, [0, 1], refine=True).cams
+    second = image_cams(tiny_model, tiny_processor, image, [0, 1], refine=True).cams
     assert torch.equal(first, second)
 
 

@@ -159,6 +159,8 @@ def gradcam(model, pixel_values: torch.Tensor, class_indices: Sequence | None = 
             attention = last if attention is None else attention + last
             cams = cams.clone()
             for row, chosen in enumerate(targets):
+                if not chosen:
+                    continue
                 patch_attention = (attention[row] / caa_layers)[1:, 1:]
                 cams[row, : len(chosen)] = refine_with_transition(
                     cams[row, : len(chosen)], transition_from_attention(patch_attention), box_threshold, box_edges)

@@ -140,7 +140,7 @@ class PoleImageProcessor(BaseImageProcessor):
             max_side: longer-side cap (default `self.max_side`).
 
         Returns:
-            `BatchFeature` with `pixel_values` and `original_sizes` (``[B, 2]``, height and width).
+            `BatchFeature` with `pixel_values` (what the models take; the pipelines keep the images' sizes).
 
         Raises:
             ValueError: images whose computation sizes differ (group them with [`computation_size`] first).
@@ -155,8 +155,7 @@ class PoleImageProcessor(BaseImageProcessor):
         pixels = torch.cat([self.pixel_values(image, size) for image, size in zip(images, sizes)])
         if flip:
             pixels = pixels.flip(-1)
-        original = torch.tensor([[image.height, image.width] for image in images])
-        return BatchFeature({"pixel_values": pixels, "original_sizes": original}, tensor_type=return_tensors)
+        return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
 
     # ------------------------------------------------------------------ post-processing
     def post_process_cams(self, outputs, target_sizes: Sequence[tuple[int, int]] | None = None,
@@ -178,9 +177,14 @@ class PoleImageProcessor(BaseImageProcessor):
         for row in range(first.cams.shape[0]):
             keep = first.cam_classes[row] >= 0
             size = tuple(first.cams.shape[-2:]) if target_sizes is None else tuple(int(v) for v in target_sizes[row])
+            if not bool(keep.any()):
+                empty = first.cams.new_zeros(0, *size).float().cpu()
+                results.append(CamOutput(cams=empty, class_indices=first.cam_classes[row][keep].cpu(),
+                                         scores=empty.new_zeros(0), grid_cams=empty.new_zeros(0, *first.cams.shape[-2:])))
+                continue
             total = None
             for output, flipped in zip(outputs, flips):
-                grid = output.cams[row][keep[: output.cams.shape[1]]].float()
+                grid = output.cams[row][keep].float()
                 grid = grid.flip(-1) if flipped else grid
                 up = F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
                 total = up if total is None else total + up

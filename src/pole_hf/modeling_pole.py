@@ -353,8 +353,9 @@ class PolePromptModel(PreTrainedModel):
             labels (`torch.Tensor` of shape `(batch, num_classes)`, *optional*): multi-hot image-level labels: the
                 loss is computed (differentiable in the prompts), and they are the CAM targets.
             class_indices (*optional*): CAM targets per image (see [`get_cams`]); default `labels`, else predicted.
-            output_cams (`bool`, *optional*): compute `cams` (GradCAM); default: yes, unless `labels` are given (a
-                training call scores only).
+            output_cams (`bool`, *optional*): also compute `cams` (GradCAM, its own forward); default: yes, unless
+                `labels` are given (a training call scores only). `logits` always come from the scoring pass
+                (transformers' bicubic position embeddings); [`get_cams`] returns the CAM pass's own.
             return_dict (`bool`, *optional*): return a [`PoleModelOutput`] (default) or a tuple.
             **cam_options: `refine`, `caa_layers`, `box_threshold`, `box_edges`, `position_embedding` of
                 [`get_cams`].
@@ -363,22 +364,19 @@ class PolePromptModel(PreTrainedModel):
             output_cams = labels is None
         if cam_options and not output_cams:
             raise ValueError(f"CAM options {sorted(cam_options)} given with output_cams=False: pass output_cams=True")
-        output = PoleModelOutput()
+        image_embeds = self.get_image_features(pixel_values)
+        text_embeds = self.get_text_features()
+        logits_all = self.get_logit_scale() * image_embeds @ text_embeds.t().to(image_embeds.dtype)
+        num_classes = self.config.num_classes
+        loss = None if labels is None else multilabel_softmax_loss(logits_all, labels.to(logits_all.dtype))
+        output = PoleModelOutput(loss=loss, logits=logits_all[:, :num_classes],
+                                 background_logits=logits_all[:, num_classes:], image_embeds=image_embeds,
+                                 text_embeds=text_embeds)
         if output_cams:
             if class_indices is None and labels is not None:
                 class_indices = [torch.nonzero(row).flatten().tolist() for row in labels]
-            output = self.get_cams(pixel_values, class_indices, **cam_options)
-        if labels is not None or not output_cams:
-            image_embeds = self.get_image_features(pixel_values)
-            text_embeds = self.get_text_features()
-            logits_all = self.get_logit_scale() * image_embeds @ text_embeds.t().to(image_embeds.dtype)
-            num_classes = self.config.num_classes
-            if labels is not None:
-                output.loss = multilabel_softmax_loss(logits_all, labels.to(logits_all.dtype))
-            if not output_cams:
-                output = PoleModelOutput(loss=output.loss, logits=logits_all[:, :num_classes],
-                                         background_logits=logits_all[:, num_classes:], image_embeds=image_embeds,
-                                         text_embeds=text_embeds)
+            cams = self.get_cams(pixel_values, class_indices, **cam_options)
+            output.cams, output.cam_classes, output.cam_scores = cams.cams, cams.cam_classes, cams.cam_scores
         return output if return_dict is not False else output.to_tuple()
 
 
