@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed of pole_hf's CAM engine (`CamEngine.grid_cams`) against CLIP-ES's per-class loop, on CPU.
+"""Speed of pole_hf's CAM engine (`PolePromptModel.get_cams`) against CLIP-ES's per-class loop, on CPU.
 
 The engine runs the blocks before the last without autograd, differentiates only the last block (q/k/v projections as
 the gradient leaves) and gets all classes' gradients from one batched backward. The reference loop does what CLIP-ES's
@@ -76,13 +76,14 @@ def reference_grid_cams(model, pixels: torch.Tensor, class_indices) -> torch.Ten
     """CLIP-ES's procedure: one no-grad forward to the last block, then one last-block graph and backward per class.
     Min-max scaling (twice, as CLIP-ES) and the position embeddings (bilinear fp16) are the engine's own, so only
     the GradCAM itself is compared."""
-    from pole_hf.cam import CamEngine, minmax
+    from pole_hf._clip_internals import vision_tokens
+    from pole_hf.caa import minmax
 
     vision, patch = model.clip.vision_model, model.clip.config.vision_config.patch_size
     last, grid_h, grid_w = vision.encoder.layers[-1], pixels.shape[-2] // patch, pixels.shape[-1] // patch
     with torch.no_grad():
         text = model.get_text_features()
-        hidden = vision.pre_layrnorm(CamEngine(model).embed(pixels))
+        hidden = vision.pre_layrnorm(vision_tokens(vision, pixels))
         for layer in vision.encoder.layers[:-1]:
             hidden = layer(hidden, None)
     softmax_set = torch.tensor(list(class_indices) + list(range(model.config.num_classes, text.shape[0])))
@@ -94,7 +95,7 @@ def reference_grid_cams(model, pixels: torch.Tensor, class_indices) -> torch.Ten
             tokens = attended + last.mlp(last.layer_norm2(attended))
             pooled = vision.post_layernorm(tokens)[:, 1:].mean(dim=1)  # ln_post on every token, mean of patches
             features = F.normalize(model.clip.visual_projection(pooled), dim=-1)
-            probs = (model.logit_scale() * features @ text.t())[0, softmax_set].softmax(-1)
+            probs = (model.get_logit_scale() * features @ text.t())[0, softmax_set].softmax(-1)
             (grad,) = torch.autograd.grad(probs[position], target)
         weights = grad[0, 1:].mean(0)  # mean gradient over patch tokens, [D]
         cams.append(torch.relu(target.detach()[0, 1:] @ weights).view(grid_h, grid_w))
@@ -103,34 +104,41 @@ def reference_grid_cams(model, pixels: torch.Tensor, class_indices) -> torch.Ten
 
 def last_block_forward(model, hidden):
     """f of the time breakdown: the last block and head as the engine runs them (q/k/v without autograd), no backward."""
-    last = model.clip.vision_model.encoder.layers[-1]
-    attn = last.self_attn
+    from pole_hf import _clip_internals as internals
+
+    vision = model.clip.vision_model
     with torch.no_grad():
-        text, target = model.get_text_features(), last.layer_norm1(hidden)
-        leaves = [proj(target).requires_grad_(True) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        text = model.get_text_features()
+        _, projections = internals.last_block_projections(vision, hidden)
     with torch.enable_grad():
-        q, k, v = (x.view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for x in leaves)
-        mixed = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2).reshape(target.shape)
-        attended = hidden + attn.out_proj(mixed)
-        tokens = attended + last.mlp(last.layer_norm2(attended))
+        leaves = [p.requires_grad_(True) for p in projections]
+        tokens = internals.last_block_from_projections(vision, hidden, *leaves)
         features = F.normalize(model.image_features_from_tokens(tokens), dim=-1)
-        return model.logit_scale() * features @ text.t()
+        return model.get_logit_scale() * features @ text.t()
 
 
-def make_jobs(engine, pixels):
+def grid(model, pixels, classes, **options):
+    """The engine's grid CAMs of one image (`PolePromptModel.get_cams`)."""
+    return model.get_cams(pixels, [list(classes)], **options).cams[0]
+
+
+def make_jobs(model, pixels):
     """Ordered ``{name: (label, classes, callable)}`` for one input size."""
-    model, hidden = engine.model, torch.no_grad()(engine._prefix)(pixels, 0)[0]
+    from pole_hf._clip_internals import vision_prefix
+
+    vision = model.clip.vision_model
+    hidden = vision_prefix(vision, pixels)[0]
     jobs = {"forward": ("vision forward (no grad)", "-", torch.no_grad()(lambda: model.get_image_features(pixels))),
-            "prefix": (f"engine prefix: blocks 1-{engine.num_layers - 1} (no grad)", "-",
-                       torch.no_grad()(lambda: engine._prefix(pixels, 0)))}
+            "prefix": (f"engine prefix: blocks 1-{len(vision.encoder.layers) - 1} (no grad)", "-",
+                       lambda: vision_prefix(vision, pixels))}
     jobs["last_fwd"] = ("engine last block + head, grad mode (no backward)", "-",
                         lambda: last_block_forward(model, hidden))
     for k in COUNTS:
         classes = list(CLASS_ORDER[:k])
-        jobs[f"engine{k}"] = ("engine `grid_cams`", k, lambda c=classes: engine.grid_cams(pixels, c)[0])
+        jobs[f"engine{k}"] = ("engine `get_cams`", k, lambda c=classes: grid(model, pixels, c))
         jobs[f"reference{k}"] = ("reference per-class loop", k, lambda c=classes: reference_grid_cams(model, pixels, c))
-    jobs["caa3"] = ("engine `grid_cams(refine=True)` (CAA)", 3,
-                    lambda: engine.grid_cams(pixels, list(CLASS_ORDER[:3]), refine=True)[0])
+    jobs["caa3"] = ("engine `get_cams(refine=True)` (CAA)", 3,
+                    lambda: grid(model, pixels, CLASS_ORDER[:3], refine=True))
     return jobs
 
 
@@ -253,18 +261,18 @@ def reading(results) -> str:
         "gain, elementwise work of similar cost replaces it).")
 
 
-def profile_line(engine, pixels, classes, rows: int = 7) -> str:
-    """torch.profiler's top operators (self CPU) of one `grid_cams` call."""
+def profile_line(model, pixels, classes, rows: int = 7) -> str:
+    """torch.profiler's top operators (self CPU) of one `get_cams` call."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine.grid_cams(pixels, classes)
+    grid(model, pixels, classes)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        engine.grid_cams(pixels, classes)
+        grid(model, pixels, classes)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
     top = ", ".join(f"`{e.key.replace('aten::', '')}` {e.self_cpu_time_total / 1e6:.3f}s ({e.count}×, "
                     f"{e.self_cpu_time_total / total:.0%})" for e in events[:rows])
-    return (f"torch.profiler, self CPU time of one `grid_cams` call with {len(classes)} classes at "
+    return (f"torch.profiler, self CPU time of one `get_cams` call with {len(classes)} classes at "
             f"{pixels.shape[-1]}x{pixels.shape[-2]} (profiler overhead included): {top}.")
 
 
@@ -341,10 +349,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    from pole_hf.cam import CamEngine
 
     model = build_model(args.quick, args.seed)
-    engine = CamEngine(model)
     with torch.no_grad():
         model.get_text_features()  # cached from here on, for every job alike
     base_rss = current_rss_kib() / 1024
@@ -362,18 +368,18 @@ def main(argv=None) -> int:
     if args.rss:
         # first-call initialisation (kernels, lazily loaded code) on a 2x2-patch input, so children measure the job;
         # forked before any full-size image ran, so freed-but-kept heap pages do not hide peaks
-        small = make_jobs(engine, torch.zeros(1, 3, 2 * patch, 2 * patch))
+        small = make_jobs(model, torch.zeros(1, 3, 2 * patch, 2 * patch))
         for _, _, fn in small.values():
             fn()
         for label, pixels in pixels_by_size.items():
-            for name, (_, _, fn) in make_jobs(engine, pixels).items():
+            for name, (_, _, fn) in make_jobs(model, pixels).items():
                 if name not in ("prefix", "last_fwd"):
                     rss_by_size[label][name] = peak_rss_mib(fn, warm=small[name][2])
         print(f"peak RSS measured ({time.perf_counter() - started:.0f}s)", flush=True)
 
     results, max_diffs = {}, {}
     for label, pixels in pixels_by_size.items():
-        jobs = make_jobs(engine, pixels)
+        jobs = make_jobs(model, pixels)
 
         def check(outputs, label=label):
             for k in COUNTS:
@@ -387,7 +393,7 @@ def main(argv=None) -> int:
         print(f"timed {label} ({time.perf_counter() - started:.0f}s)", flush=True)
 
     last_pixels = list(pixels_by_size.values())[-1]
-    profile_text = None if args.quick else profile_line(engine, last_pixels, list(CLASS_ORDER[:5]))
+    profile_text = None if args.quick else profile_line(model, last_pixels, list(CLASS_ORDER[:5]))
     report = build_report(results, args, max_diffs, base_rss, profile_text)
     print("\n" + report)
     if args.readme:

@@ -20,10 +20,8 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPModel
 
 import pole_hf
-from pole_hf import CamEngine, PolePromptModel
+from pole_hf import PoleImageProcessor, PolePromptModel
 from pole_hf.data import load_synthetic
-from pole_hf.images import pixel_values
-from pole_hf.pipeline_pole import load_image_processor
 from pole_hf.tiny import save_openai_clip_tokenizer, vit_b16_config
 from pole_hf.vocab import PROMPT_PRESETS
 
@@ -82,12 +80,11 @@ def tiny_clip_report(num_images: int = 40):
     fixed = PolePromptModel.from_clip(pole_hf.TINY_CLIP, class_token_length=1, **common)
     sentences = [exact.config.template.format(TINY_WORDS[n]) for n in names]
     cos_exact, cos_fixed = cosines(exact, clip, tokenizer, sentences), cosines(fixed, clip, tokenizer, sentences)
-    processor = load_image_processor(exact)
-    engines = CamEngine(exact), CamEngine(fixed)
+    processor = PoleImageProcessor.for_model(exact)
     correlations = {n: [] for n in names}
     for example in load_synthetic(num_images, seed=3, image_size=64):
-        pixels = pixel_values(example["image"].convert("RGB"), (64, 64), processor.image_mean, processor.image_std)
-        maps = [engine.grid_cams(pixels, list(range(len(names))))[0] for engine in engines]
+        pixels = processor.pixel_values(example["image"].convert("RGB"), (64, 64))
+        maps = [model.get_cams(pixels, list(range(len(names)))).cams[0] for model in (exact, fixed)]
         for index, name in enumerate(names):
             a, b = (m[index].flatten().numpy() for m in maps)
             if a.std() > 0 and b.std() > 0:

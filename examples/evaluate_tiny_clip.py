@@ -3,7 +3,7 @@
 against the frequent caption words.
 
 Zero-shot exact-set accuracy is caption retrieval over all label sets of 1-3 classes; CAM mIoU (background included,
-ground-truth labels) goes through ``PolePromptModel.from_clip`` and ``CamEngine`` exactly as inference does.
+ground-truth labels) goes through ``PolePromptModel.from_clip`` and ``PolePromptModel.get_cams`` exactly as inference does.
 ``train_tiny_clip.py`` runs this at the end of training; on its own::
 
     python examples/evaluate_tiny_clip.py --model_dir src/pole_hf/assets/tiny-clip --eval_images 300
@@ -80,19 +80,19 @@ def exact_set_accuracy(model, tokenizer, world, data, processor, words, max_leng
 
 def cam_eval(clip, tokenizer, processor, world, data, class_words, refine=False):
     """CAM mIoU (9 labels, background included) with ground-truth labels; power {1, 2} and threshold sweeps."""
-    from pole_hf.cam import CamEngine
+    from pole_hf import PoleImageProcessor, PolePromptModel, image_cams
     from pole_hf.evaluation import ThresholdSweep
-    from pole_hf.modeling_pole import PolePromptModel
 
     pole = PolePromptModel.from_clip(clip, class_names=world.class_names, class_words=class_words,
                                      background_words=world.background_kinds, tokenizer=tokenizer).eval()
-    engine = CamEngine(pole)
+    processor = PoleImageProcessor(image_mean=processor.image_mean, image_std=processor.image_std,
+                                   patch_size=clip.config.vision_config.patch_size)
     num_labels = len(world.class_names) + 1
     power = ThresholdSweep(num_labels, (1.0, 2.0), mode="power")
     thresholds = [round(t, 2) for t in np.arange(0.1, 0.91, 0.05)]
     thresh = ThresholdSweep(num_labels, thresholds, mode="threshold")
     for image, mask, labels in zip(data["images"], data["masks"], data["labels"]):
-        out = engine(Image.fromarray(image), processor, class_indices=list(labels), refine=refine)
+        out = image_cams(pole, processor, Image.fromarray(image), list(labels), refine=refine)
         cams = out.cams.numpy()
         ids = [c + 1 for c in labels]
         power.update(cams, ids, mask)
@@ -108,7 +108,9 @@ def cam_eval(clip, tokenizer, processor, world, data, class_words, refine=False)
 def evaluate(model_dir, world, data, max_length, out_json=None):
     clip = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = CLIPTokenizer.from_pretrained(model_dir)
-    processor = CLIPImageProcessor.from_pretrained(model_dir)
+    base = CLIPImageProcessor.from_pretrained(model_dir)
+    processor = PoleImageProcessor(image_mean=base.image_mean, image_std=base.image_std,
+                                   patch_size=reference.config.vision_config.patch_size)
     official = list(world.class_names)
     frequent = [world.frequent_word(c) for c in world.class_names]
     report = {"num_images": len(data["labels"])}
@@ -141,8 +143,7 @@ def evaluate(model_dir, world, data, max_length, out_json=None):
 
 def roundtrip_check(reference: CLIPModel, model_dir, world, data, num_images=20):
     """Max |CAM difference| between the in-memory fp32 model and the saved (fp16) folder loaded back in fp32."""
-    from pole_hf.cam import CamEngine
-    from pole_hf.modeling_pole import PolePromptModel
+    from pole_hf import PoleImageProcessor, PolePromptModel, image_cams
 
     tokenizer = CLIPTokenizer.from_pretrained(model_dir)
     processor = CLIPImageProcessor.from_pretrained(model_dir)
@@ -150,13 +151,12 @@ def roundtrip_check(reference: CLIPModel, model_dir, world, data, num_images=20)
     assert loaded.dtype == torch.float32, loaded.dtype
     # (from_clip takes base_model_name_or_path only for a model without name_or_path: it raises a duplicate-keyword
     # TypeError otherwise, so it is given for the in-memory reference only)
-    engines = [CamEngine(PolePromptModel.from_clip(m, class_names=world.class_names,
-                                                   background_words=world.background_kinds, tokenizer=tokenizer,
-                                                   **extra).eval())
-               for m, extra in ((reference.eval(), {"base_model_name_or_path": model_dir}), (loaded, {}))]
+    models = [PolePromptModel.from_clip(m, class_names=world.class_names, background_words=world.background_kinds,
+                                        tokenizer=tokenizer, **extra).eval()
+              for m, extra in ((reference.eval(), {"base_model_name_or_path": model_dir}), (loaded, {}))]
     worst = 0.0
     for image, labels in zip(data["images"][:num_images], data["labels"][:num_images]):
-        a, b = (e(Image.fromarray(image), processor, class_indices=list(labels)).cams for e in engines)
+        a, b = (image_cams(m, processor, Image.fromarray(image), list(labels)).cams for m in models)
         worst = max(worst, float((a - b).abs().max()))
     return worst
 

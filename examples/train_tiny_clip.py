@@ -26,7 +26,7 @@ Usage::
 
 The script evaluates on held-out images (split "test"): zero-shot exact-set accuracy (caption retrieval over all
 label sets of 1-3 classes) and CAM mIoU (background included) with the official class names and with the frequent
-caption words, through ``PolePromptModel.from_clip`` and ``CamEngine``.
+caption words, through ``PolePromptModel.from_clip`` and ``PolePromptModel.get_cams``.
 """
 
 from __future__ import annotations

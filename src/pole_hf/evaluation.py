@@ -35,10 +35,10 @@ class ConfusionMatrix:
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_ID, count_ignored_predictions: bool = False):
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}; count the background too.")
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}; count the background too")
         if 0 <= ignore_index < num_classes:
             raise ValueError(
-                f"ignore_index {ignore_index} is a class label (num_classes={num_classes}); use e.g. 255."
+                f"ignore_index {ignore_index} is a class label (num_classes={num_classes}); use e.g. 255"
             )
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
@@ -52,7 +52,7 @@ class ConfusionMatrix:
             bad = valid.max() if valid.max() >= self.num_classes else valid.min()
             raise ValueError(
                 f"{name} holds label {bad} outside 0..{self.num_classes - 1} (and not ignore_index "
-                f"{self.ignore_index}); check num_classes or the label mapping."
+                f"{self.ignore_index}); check num_classes or the label mapping"
             )
 
     def update(self, pred: np.ndarray, target: np.ndarray) -> ConfusionMatrix:
@@ -69,7 +69,7 @@ class ConfusionMatrix:
         target = np.asarray(target).astype(np.int64, copy=False)
         if pred.shape != target.shape:
             raise ValueError(
-                f"pred shape {pred.shape} differs from target shape {target.shape}; resize one to the other."
+                f"pred shape {pred.shape} differs from target shape {target.shape}; resize one to the other"
             )
         self._check_labels(pred, "pred")
         self._check_labels(target, "target")
@@ -94,16 +94,11 @@ class ConfusionMatrix:
         if (other.num_classes, other.ignore_index) != (self.num_classes, self.ignore_index):
             raise ValueError(
                 f"cannot merge a matrix of (num_classes, ignore_index) = {(other.num_classes, other.ignore_index)} "
-                f"into one of {(self.num_classes, self.ignore_index)}; build both with the same settings."
+                f"into one of {(self.num_classes, self.ignore_index)}; build both with the same settings"
             )
         self.matrix += other.matrix
         self.unlabelled += other.unlabelled
         return self
-
-    def reset(self) -> None:
-        """Sets every count back to zero."""
-        self.matrix[:] = 0
-        self.unlabelled[:] = 0
 
     def _target_totals(self) -> np.ndarray:
         totals = self.matrix.sum(axis=1)
@@ -161,7 +156,7 @@ class ConfusionMatrix:
             class_names = [str(i) for i in range(self.num_classes)]
         if len(class_names) != self.num_classes:
             raise ValueError(
-                f"class_names has {len(class_names)} names for {self.num_classes} classes; pass one per class."
+                f"class_names has {len(class_names)} names for {self.num_classes} classes; pass one per class"
             )
 
         def fmt(value: float) -> str:
@@ -240,10 +235,10 @@ class ThresholdSweep:
         crf: bool = False, crf_image: str = "clip_es",
     ):
         if mode not in ("threshold", "power"):
-            raise ValueError(f"mode must be 'threshold' or 'power', got {mode!r}.")
+            raise ValueError(f"mode must be 'threshold' or 'power', got {mode!r}")
         self.thresholds = [float(t) for t in thresholds]
         if not self.thresholds:
-            raise ValueError("thresholds is empty; pass at least one background value, e.g. [0.5].")
+            raise ValueError("thresholds is empty; pass at least one background value, e.g. [0.5]")
         self.mode = mode
         self.crf = crf
         self.crf_image = crf_image
@@ -277,7 +272,7 @@ class ThresholdSweep:
         """Adds the counts of another sweep over the same thresholds and mode (e.g. from another process)."""
         if (other.thresholds, other.mode) != (self.thresholds, self.mode):
             raise ValueError(
-                "cannot merge sweeps over different thresholds or modes; build both with the same settings."
+                "cannot merge sweeps over different thresholds or modes; build both with the same settings"
             )
         for mine, theirs in zip(self.matrices, other.matrices):
             mine.merge(theirs)

@@ -48,21 +48,24 @@ class PoleEvalResult:
 
 def render_model_card(model, repo_id: str | None = None, datasets: Sequence[str] | None = None,
                       eval_results: Sequence[PoleEvalResult] = (), training: dict | None = None,
-                      prompts_size: int | None = None, license: str | None = "apache-2.0") -> ModelCard:
+                      prompts_size: int | None = None, license: str | None = "apache-2.0",
+                      learned: bool | None = None) -> ModelCard:
     """Render the prompts' model card with huggingface_hub's `ModelCard` from the package template.
 
     Args:
-        model: a `PolePromptModel`.
+        model: a `PolePromptModel`, or a `PoleConfig` (untouched prompts of that configuration).
         repo_id: the repo the card is for (used in the usage snippet).
         datasets: training datasets (card metadata).
         eval_results: CAM / pseudo-mask mIoU results, shown in the card and as `model-index` metadata.
         training: training settings to list (seed, steps, loss weights, versions...).
         prompts_size: size in bytes of the prompts file, for the text.
         license: the card's license field.
+        learned: whether the class tokens were learned (default: a model's trainable prompt parameters; a
+            configuration's are untouched).
     """
     import pole_hf
 
-    config = model.config
+    config = getattr(model, "config", model)
     base = config.base_model_name_or_path
     hub_base = base if base and not os.path.isdir(base) else None
     name = repo_id.split("/")[-1] if repo_id else "pole-prompts"
@@ -73,7 +76,8 @@ def render_model_card(model, repo_id: str | None = None, datasets: Sequence[str]
     )
     training_rows = dict(training or {})
     training_rows.setdefault("pole_hf version", pole_hf.__version__)
-    learned = any(p.requires_grad for p in model.learnable_parameters())
+    if learned is None:
+        learned = hasattr(model, "learnable_parameters") and any(p.requires_grad for p in model.learnable_parameters())
     return ModelCard.from_template(
         card_data, template_path=TEMPLATE_PATH, model_name=name, repo_id=repo_id or "path/to/prompts",
         base_model=hub_base, base_revision=config.base_model_revision,

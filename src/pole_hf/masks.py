@@ -44,18 +44,18 @@ VOC_PALETTE: list[int] = _voc_palette()
 def _check_cams(cams: np.ndarray, class_ids: Sequence[int] | None = None) -> np.ndarray:
     cams = np.asarray(cams, dtype=np.float32)
     if cams.ndim != 3:
-        raise ValueError(f"cams must have shape [k, H, W], got shape {cams.shape}; add a leading axis for one class.")
+        raise ValueError(f"cams must have shape [k, H, W], got shape {cams.shape}; add a leading axis for one class")
     if np.isnan(cams).any():
-        raise ValueError(f"cams contain {int(np.isnan(cams).sum())} NaN values; fix the CAM computation upstream.")
+        raise ValueError(f"cams contain {int(np.isnan(cams).sum())} NaN values; fix the CAM computation upstream")
     if class_ids is not None:
         if len(class_ids) != cams.shape[0]:
             raise ValueError(
-                f"class_ids has {len(class_ids)} entries but cams has {cams.shape[0]} maps; pass one id per map."
+                f"class_ids has {len(class_ids)} entries but cams has {cams.shape[0]} maps; pass one id per map"
             )
         for class_id in class_ids:
             if not 0 < int(class_id) < IGNORE_ID:
                 raise ValueError(
-                    f"class id {class_id} is out of range; class ids are 1..254 (0 is background, 255 ignore)."
+                    f"class id {class_id} is out of range; class ids are 1..254 (0 is background, 255 ignore)"
                 )
     return cams
 
@@ -126,11 +126,11 @@ def scores_to_mask(scores: np.ndarray, class_ids: Sequence[int], ignore_below: f
     scores = np.asarray(scores, dtype=np.float32)
     if scores.ndim != 3 or scores.shape[0] != len(class_ids) + 1:
         raise ValueError(
-            f"scores must have shape [len(class_ids) + 1, H, W] = [{len(class_ids) + 1}, H, W], got {scores.shape}."
+            f"scores must have shape [len(class_ids) + 1, H, W] = [{len(class_ids) + 1}, H, W], got {scores.shape}"
         )
     _check_cams(scores[1:], class_ids)
     if np.isnan(scores[0]).any():
-        raise ValueError("background scores contain NaN values; check bg_power / bg_threshold or the CRF input.")
+        raise ValueError("background scores contain NaN values; check bg_power / bg_threshold or the CRF input")
     lookup = np.array([BACKGROUND_ID, *[int(c) for c in class_ids]], dtype=np.uint8)
     winner = scores.argmax(axis=0)
     mask = lookup[winner]
@@ -219,20 +219,20 @@ def crf_refine(
         from pydensecrf.utils import unary_from_softmax
     except ImportError as error:
         raise ImportError(
-            "crf_refine needs a dense CRF: run `pip install pydensecrf2` (or `pole_hf[crf]`)."
+            "crf_refine needs a dense CRF: run `pip install pydensecrf2` (or `pole_hf[crf]`)"
         ) from error
     image = np.asarray(image)
     probs = np.asarray(probs, dtype=np.float32)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
-            f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}; pass np.asarray(pil.convert('RGB'))."
+            f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}; pass np.asarray(pil.convert('RGB'))"
         )
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
         raise ValueError(
-            f"probs must be [C, H, W] with H, W = {image.shape[:2]}, got {probs.shape}; resize them first."
+            f"probs must be [C, H, W] with H, W = {image.shape[:2]}, got {probs.shape}; resize them first"
         )
     if np.isnan(probs).any():
-        raise ValueError("probs contain NaN values; fix the scores before the CRF.")
+        raise ValueError("probs contain NaN values; fix the scores before the CRF")
     num_labels, height, width = probs.shape
     crf = dcrf.DenseCRF2D(width, height, num_labels)
     unary = unary_from_softmax(probs.astype(np.float16) if half_precision else probs, clip=1e-5)
@@ -287,9 +287,9 @@ def mask_to_image(mask: np.ndarray) -> Image.Image:
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D [H, W], got shape {mask.shape}.")
+        raise ValueError(f"mask must be 2-D [H, W], got shape {mask.shape}")
     if mask.size and (mask.min() < 0 or mask.max() > 255):
-        raise ValueError(f"mask values must lie in 0..255, got range [{mask.min()}, {mask.max()}].")
+        raise ValueError(f"mask values must lie in 0..255, got range [{mask.min()}, {mask.max()}]")
     height, width = mask.shape
     image = Image.frombytes("P", (width, height), np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
     image.putpalette(VOC_PALETTE)
@@ -316,7 +316,7 @@ def image_to_mask(image: Image.Image) -> np.ndarray:
     found = palette_codes[order][position] == codes
     if not found.all():
         bad = tuple(int(v) for v in rgb[~found][0])
-        raise ValueError(f"colour {bad} is not in the VOC palette; pass the mask as a 'P' or 'L' image.")
+        raise ValueError(f"colour {bad} is not in the VOC palette; pass the mask as a 'P' or 'L' image")
     return order[position].astype(np.uint8)
 
 
@@ -355,9 +355,9 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5) -> Image.Im
     """
     cam = np.asarray(cam, dtype=np.float32)
     if cam.ndim != 2:
-        raise ValueError(f"cam must be 2-D [H, W], got shape {cam.shape}; pass one map, e.g. cams[i].")
+        raise ValueError(f"cam must be 2-D [H, W], got shape {cam.shape}; pass one map, e.g. cams[i]")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     heat = jet_colormap(np.nan_to_num(_resize_map(cam, image.size))).astype(np.float32)
     blended = (1.0 - alpha) * base + alpha * heat
@@ -380,9 +380,9 @@ def overlay_mask(
     """
     mask = np.asarray(mask)
     if mask.shape != (image.height, image.width):
-        raise ValueError(f"mask shape {mask.shape} differs from the image's (H, W) = {(image.height, image.width)}.")
+        raise ValueError(f"mask shape {mask.shape} differs from the image's (H, W) = {(image.height, image.width)}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     colours = np.asarray(VOC_PALETTE, dtype=np.float32).reshape(256, 3)[mask.astype(np.uint8)]
     weight = np.full(mask.shape + (1,), alpha, dtype=np.float32)

@@ -37,7 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .vocab import CBS_SIMILARITY_THRESHOLD, POLE_LOSS_WEIGHTS, SCORE_CLAMP
+POLE_LOSS_WEIGHTS: dict[str, float] = {"otm": 10.0, "btm": 25.0, "cbs": 1.0}
+"""POLE's loss weights (run_CLIMS.sh ``--hyper 10.0,25.0,1.0,0.0``)."""
+CBS_SIMILARITY_THRESHOLD: float = 0.26
+"""CLIMS's background-suppression threshold on the similarity."""
+SCORE_CLAMP: tuple[float, float] = (0.0001, 0.9999)
+"""CLIMS's clamp of the scores before the logs."""
 
 
 @dataclass

@@ -327,18 +327,9 @@ COCO_CLASSES: tuple[str, ...] = tuple([
 
 """The 80 COCO object categories in category-id order."""
 
-POLE_LOSS_WEIGHTS: dict[str, float] = {"otm": 10.0, "btm": 25.0, "cbs": 1.0}
-"""POLE's loss weights (run_CLIMS.sh ``--hyper 10.0,25.0,1.0,0.0``)."""
-CBS_SIMILARITY_THRESHOLD: float = 0.26
-SCORE_CLAMP: tuple[float, float] = (0.0001, 0.9999)
 SELECTION_TEMPLATE: str = 'A photo of {}.'
 CLIP_ES_TEMPLATE: str = 'a clean origami {}.'
 DEFAULT_TEMPLATE: str = "a photo of a {}."
-
-
-def voc_synonyms() -> dict[str, list[str]]:
-    """Return a fresh copy of POLE's VOC candidate words, keyed by VOC class name."""
-    return {name: list(words) for name, words in VOC_SYNONYMS.items()}
 
 
 CLIMS_BACKGROUND_WORDS: tuple[str, ...] = ("tree", "river", "sea", "lake", "water", "railway", "railroad", "track",

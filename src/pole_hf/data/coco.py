@@ -61,7 +61,7 @@ def _decode_rle(segmentation: dict[str, Any]) -> np.ndarray:
     values = np.arange(len(runs)) % 2
     flat = np.repeat(values.astype(bool), runs)
     if flat.size != height * width:
-        raise ValueError(f"RLE runs cover {flat.size} pixels but its size is {height}x{width}: fix the annotation.")
+        raise ValueError(f"RLE runs cover {flat.size} pixels but its size is {height}x{width}: fix the annotation")
     return flat.reshape(width, height).T
 
 
@@ -71,7 +71,7 @@ def _annotation_region(annotation: dict, height: int, width: int, where: str) ->
     if isinstance(segmentation, dict):
         if list(segmentation["size"]) != [height, width]:
             raise ValueError(f"Annotation {annotation.get('id')} in {where} has RLE size {segmentation['size']} "
-                             f"but its image is {height}x{width}: fix the annotation or the image entry.")
+                             f"but its image is {height}x{width}: fix the annotation or the image entry")
         return _decode_rle(segmentation)
     canvas = Image.new("1", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
@@ -118,19 +118,19 @@ def load_coco(
     """
     annotation_file, image_dir = os.fspath(annotation_file), os.fspath(image_dir)
     if not os.path.isfile(annotation_file):
-        raise FileNotFoundError(f"COCO annotation file {annotation_file} does not exist: pass the instances JSON path.")
+        raise FileNotFoundError(f"COCO annotation file {annotation_file} does not exist: pass the instances JSON path")
     if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"COCO image folder {image_dir} does not exist: pass the folder holding the images.")
+        raise FileNotFoundError(f"COCO image folder {image_dir} does not exist: pass the folder holding the images")
     with open(annotation_file, encoding="utf-8") as handle:
         coco = json.load(handle)
     missing = [key for key in ("images", "annotations", "categories") if key not in coco]
     if missing:
-        raise ValueError(f"{annotation_file} lacks the keys {missing}: it is not a COCO instances file.")
+        raise ValueError(f"{annotation_file} lacks the keys {missing}: it is not a COCO instances file")
 
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     names = [c["name"] for c in categories] if class_names is None else list(class_names)
     if with_masks and len(names) > 254:
-        raise ValueError(f"{len(names)} classes do not fit an 8-bit mask: use at most 254 classes with masks.")
+        raise ValueError(f"{len(names)} classes do not fit an 8-bit mask: use at most 254 classes with masks")
     class_index = {name: i for i, name in enumerate(names)}
     category_to_class = {c["id"]: class_index[c["name"]] for c in categories if c["name"] in class_index}
 
@@ -146,10 +146,10 @@ def load_coco(
         if category not in category_to_class:
             name = next((c["name"] for c in categories if c["id"] == category), None)
             raise ValueError(f"Annotation {annotation.get('id')} in {annotation_file} has category "
-                             f"{name or category!r}, which is not in class_names {names}: add it or drop it.")
+                             f"{name or category!r}, which is not in class_names {names}: add it or drop it")
         if annotation["image_id"] not in by_image:
             raise ValueError(f"Annotation {annotation.get('id')} in {annotation_file} refers to unknown image id "
-                             f"{annotation['image_id']}: add the image to 'images'.")
+                             f"{annotation['image_id']}: add the image to 'images'")
         by_image[annotation["image_id"]].append(annotation)
 
     columns: dict[str, list] = {"image": [], "labels": [], "image_id": []}
@@ -158,7 +158,7 @@ def load_coco(
     for entry in coco["images"]:
         path = os.path.join(image_dir, entry["file_name"])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"Image {path} listed in {annotation_file} does not exist: check image_dir.")
+            raise FileNotFoundError(f"Image {path} listed in {annotation_file} does not exist: check image_dir")
         annotations = by_image[entry["id"]]
         columns["image"].append(path)
         columns["labels"].append(sorted({category_to_class[a["category_id"]] for a in annotations}))

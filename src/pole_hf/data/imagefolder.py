@@ -53,7 +53,7 @@ def load_imagefolder(
     if os.path.isdir(path):
         dataset = datasets.load_dataset("imagefolder", data_dir=path, data_files=data_files, split=split)
     elif os.path.exists(path) or path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{path} is not a folder: pass an imagefolder directory or a Hub dataset id.")
+        raise FileNotFoundError(f"{path} is not a folder: pass an imagefolder directory or a Hub dataset id")
     else:
         dataset = datasets.load_dataset(path, data_files=data_files, split=split)
     if label_column not in dataset.column_names:
@@ -68,7 +68,7 @@ def load_imagefolder(
     for row_number, row in enumerate(rows):
         unknown = [name for name in row if name not in index]
         if unknown:
-            raise ValueError(f"Unknown label {unknown[0]!r} in row {row_number} of {path}: known classes are {names}.")
+            raise ValueError(f"Unknown label {unknown[0]!r} in row {row_number} of {path}: known classes are {names}")
         labels.append(sorted({index[name] for name in row}))
 
     dataset = dataset.remove_columns(label_column)

@@ -73,7 +73,7 @@ def _background(kind: str, rng: np.random.Generator, height: int, width: int) ->
         blend = 0.7 + 0.2 * _smooth_noise(rng, height, width, 3) - 0.6 * (speckle < 0.08)
         blend = blend + 0.3 * (speckle > 0.95)
     else:
-        raise ValueError(f"Unknown background kind {kind!r}: use one of {BACKGROUND_KINDS}.")
+        raise ValueError(f"Unknown background kind {kind!r}: use one of {BACKGROUND_KINDS}")
     blend = np.clip(blend, 0.0, 1.0)[..., None]
     return dark * (1 - blend) + light * blend
 
@@ -97,7 +97,7 @@ def _shape_mask(shape: str, rng: np.random.Generator, dy: np.ndarray, dx: np.nda
         for k in (2, 3, 5):
             bound += rng.uniform(0.0, 0.12) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
         return u * u + v * v <= (radius * bound) ** 2
-    raise ValueError(f"Unknown shape {shape!r}: use one of {SHAPES}.")
+    raise ValueError(f"Unknown shape {shape!r}: use one of {SHAPES}")
 
 
 def _texture(texture: str, rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, period: float) -> np.ndarray:
@@ -128,4 +128,4 @@ def _texture(texture: str, rng: np.random.Generator, dy: np.ndarray, dx: np.ndar
         length = rng.uniform(1.2, 1.8) * period
         tri = 2 * np.abs((u / length + phase_u) % 1.0 - 0.5)  # triangle wave in [0, 1]
         return ((v + rng.uniform(0.5, 0.7) * period * tri) / period + phase_v) % 1.0 < 0.5
-    raise ValueError(f"Unknown texture {texture!r}: use one of {TEXTURES}.")
+    raise ValueError(f"Unknown texture {texture!r}: use one of {TEXTURES}")

@@ -2,7 +2,7 @@
 
 Every object class is recognisable from any patch *inside* the object (its two-colour texture), never from its
 outline: shapes (circle, ellipse, square, blob), colours, sizes and positions are drawn independently of the class.
-Objects are large (radius 22-34% of the image side), as measured in ``shared/notes/tiny-clip.md``, and may occlude
+Objects are large (radius 22-34% of the image side, so that a 64-pixel CLIP sees their texture) and may occlude
 each other, but every object keeps a visible part, so the image-level labels are exactly the ids in the mask.
 
 Captions name the classes with a skewed vocabulary: for six of the eight classes the official class name is a rare
@@ -81,7 +81,7 @@ def _as_rng(rng_or_seed: np.random.Generator | int | Sequence[int]) -> np.random
 def _size(image_size: ImageSize) -> tuple[int, int]:
     size = (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)
     if len(size) != 2 or min(size) < 16:
-        raise ValueError(f"image_size={image_size!r} is invalid: use an int or (height, width), at least 16 each.")
+        raise ValueError(f"image_size={image_size!r} is invalid: use an int or (height, width), at least 16 each")
     height, width = size
     return int(height), int(width)
 
@@ -93,13 +93,13 @@ def _checked(classes: tuple[WorldClass, ...]) -> tuple[WorldClass, ...]:
     for spec in classes:
         total = sum(p for _, p in spec.words)
         if spec.texture not in TEXTURES:
-            raise ValueError(f"Class {spec.name!r} has unknown texture {spec.texture!r}: use one of {TEXTURES}.")
+            raise ValueError(f"Class {spec.name!r} has unknown texture {spec.texture!r}: use one of {TEXTURES}")
         if abs(total - 1.0) > 1e-6 or spec.name not in dict(spec.words):
             raise ValueError(f"Words of class {spec.name!r} sum to {total:g}: list its official name among its words "
-                             "and make the probabilities sum to 1.")
+                             "and make the probabilities sum to 1")
         for word, _ in spec.words:
             if word in seen:
-                raise ValueError(f"Word {word!r} of class {spec.name!r} is already used by {seen[word]}: pick another.")
+                raise ValueError(f"Word {word!r} of class {spec.name!r} is already used by {seen[word]}: pick another")
             seen[word] = f"class {spec.name!r}"
     return classes
 
@@ -132,7 +132,7 @@ class SyntheticWorld:
         weights = np.asarray(object_count_weights, dtype=np.float64)
         if len(weights) > len(self.classes) or abs(weights.sum() - 1.0) > 1e-6:
             raise ValueError(f"object_count_weights={tuple(object_count_weights)} must sum to 1 with at most "
-                             f"{len(self.classes)} entries (one per object count).")
+                             f"{len(self.classes)} entries (one per object count)")
         self.object_count_weights = weights
         self.radius_range = radius_range
         self.min_visible_fraction = min_visible_fraction
@@ -172,7 +172,7 @@ class SyntheticWorld:
         index = self.class_names.index(cls) if cls in self.class_names else cls
         if isinstance(index, str) or not 0 <= int(index) < len(self.classes):
             raise ValueError(f"Unknown class {cls!r}: use a name in {self.class_names} or an index below "
-                             f"{len(self.classes)}.")
+                             f"{len(self.classes)}")
         return int(index)
 
     def frequent_word(self, cls: int | str) -> str:
@@ -196,7 +196,7 @@ class SyntheticWorld:
         rng = _as_rng(rng)
         indices = [self._index(label) for label in labels]
         if not indices:
-            raise ValueError("caption() got no labels: pass at least one class index or name.")
+            raise ValueError("caption() got no labels: pass at least one class index or name")
         words = [self._word_lists[i][rng.choice(len(self._word_probs[i]), p=self._word_probs[i])] for i in indices]
         words = [words[i] for i in rng.permutation(len(words))]
         listing = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
@@ -300,7 +300,7 @@ def generate(
         world: The world's rules; defaults to ``SyntheticWorld()``.
     """
     if num_images < 0 or seed < 0:
-        raise ValueError(f"num_images={num_images} and seed={seed} must both be non-negative.")
+        raise ValueError(f"num_images={num_images} and seed={seed} must both be non-negative")
     world = world or SyntheticWorld()
     stream = zlib.crc32(str(split or "train").encode("utf-8"))
     for index in range(num_images):

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 def _require_dir(path: str, what: str) -> str:
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what} not found: {path} does not exist or is not a folder; check the VOC root.")
+        raise FileNotFoundError(f"{what} not found: {path} does not exist or is not a folder; check the VOC root")
     return path
 
 
@@ -54,12 +54,12 @@ def _split_file(root: str, split: str, use_aug: bool) -> str:
                 return candidate
         raise FileNotFoundError(
             f"use_aug=True needs {os.path.join(folder, 'train_aug.txt')}, which is missing: add the SBD train_aug list "
-            "or call load_voc(..., use_aug=False)."
+            "or call load_voc(..., use_aug=False)"
         )
     path = os.path.join(folder, f"{split}.txt")
     if not os.path.isfile(path):
         available = sorted(name[:-4] for name in os.listdir(folder) if name.endswith(".txt"))
-        raise FileNotFoundError(f"VOC split file {path} is missing: use one of the splits {available}.")
+        raise FileNotFoundError(f"VOC split file {path} is missing: use one of the splits {available}")
     return path
 
 
@@ -76,16 +76,16 @@ def _read_ids(path: str) -> list[str]:
 def _read_labels(xml_path: str, class_index: dict[str, int]) -> list[int]:
     """Sorted, deduplicated class indices of every ``<object><name>`` in a VOC annotation file."""
     if not os.path.isfile(xml_path):
-        raise FileNotFoundError(f"VOC annotation {xml_path} is missing: every listed image needs its Annotations xml.")
+        raise FileNotFoundError(f"VOC annotation {xml_path} is missing: every listed image needs its Annotations xml")
     try:
         tree = ET.parse(xml_path)
     except ET.ParseError as error:
-        raise ValueError(f"VOC annotation {xml_path} is not valid XML ({error}): restore it.") from error
+        raise ValueError(f"VOC annotation {xml_path} is not valid XML ({error}): restore it") from error
     labels = set()
     for name in tree.getroot().iterfind("object/name"):
         label = (name.text or "").strip()
         if label not in class_index:
-            raise ValueError(f"Label {label!r} in {xml_path} is not in class_names: add it or pass the matching list.")
+            raise ValueError(f"Label {label!r} in {xml_path} is not in class_names: add it or pass the matching list")
         labels.add(class_index[label])
     return sorted(labels)
 
@@ -129,7 +129,7 @@ def load_voc(
     for image_id in _read_ids(_split_file(root, split, use_aug)):
         image_path = os.path.join(image_dir, f"{image_id}.jpg")
         if not os.path.isfile(image_path):
-            raise FileNotFoundError(f"VOC image {image_path} is missing but listed in the {split!r} split.")
+            raise FileNotFoundError(f"VOC image {image_path} is missing but listed in the {split!r} split")
         mask_path = os.path.join(mask_dir, f"{image_id}.png")
         if not os.path.isfile(mask_path):
             mask_path = None
@@ -148,7 +148,7 @@ def load_voc(
             labels.append(_labels_from_mask(mask_path, len(class_names)))
         else:
             raise FileNotFoundError(f"VOC image {image_id} has neither {xml_path} nor a mask in {mask_dir}: its "
-                                    "labels are unknown; restore one of them or drop the id from the split file.")
+                                    "labels are unknown; restore one of them or drop the id from the split file")
         images.append(image_path)
         masks.append(mask_path)
         ids.append(image_id)
