@@ -108,9 +108,7 @@ def cam_eval(clip, tokenizer, processor, world, data, class_words, refine=False)
 def evaluate(model_dir, world, data, max_length, out_json=None):
     clip = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = CLIPTokenizer.from_pretrained(model_dir)
-    base = CLIPImageProcessor.from_pretrained(model_dir)
-    processor = PoleImageProcessor(image_mean=base.image_mean, image_std=base.image_std,
-                                   patch_size=reference.config.vision_config.patch_size)
+    processor = CLIPImageProcessor.from_pretrained(model_dir)
     official = list(world.class_names)
     frequent = [world.frequent_word(c) for c in world.class_names]
     report = {"num_images": len(data["labels"])}
@@ -146,7 +144,9 @@ def roundtrip_check(reference: CLIPModel, model_dir, world, data, num_images=20)
     from pole_hf import PoleImageProcessor, PolePromptModel, image_cams
 
     tokenizer = CLIPTokenizer.from_pretrained(model_dir)
-    processor = CLIPImageProcessor.from_pretrained(model_dir)
+    base = CLIPImageProcessor.from_pretrained(model_dir)
+    processor = PoleImageProcessor(image_mean=base.image_mean, image_std=base.image_std,
+                                   patch_size=reference.config.vision_config.patch_size)
     loaded = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert loaded.dtype == torch.float32, loaded.dtype
     # (from_clip takes base_model_name_or_path only for a model without name_or_path: it raises a duplicate-keyword

@@ -31,6 +31,7 @@ from pole_hf.atomic import atomic_write_text
 from pole_hf.bundled import TINY_CLIP
 from pole_hf.data.spec import SPEC_HELP, class_names_of, load_dataset_spec
 from pole_hf.objective import PoleObjective, pairs_from_cams
+from pole_hf.selection import load_candidates, select_class_words
 from pole_hf.training import (
     PixelDataset,
     add_run_arguments,
@@ -163,6 +164,73 @@ def base_image_size(args) -> int:
     return clip.vision_config.image_size
 
 
+def load_data(args):
+    """The training split; the evaluation split (into `args.eval_set`) is loaded, and a wrong name refused, before
+    any training."""
+    args.image_size = base_image_size(args)
+    train_set = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
+                                  image_size=args.image_size)
+    args.eval_set = load_dataset_spec(args.dataset, split=args.eval_split, num_images=args.eval_images, seed=0,
+                                      image_size=args.image_size, class_names=class_names_of(train_set)) \
+        if args.eval_split else None
+    return train_set
+
+
+def select_words(args, model, train_set, processor, accelerator):
+    """POLE's class-word selection on the first `--select_images` images, applied to the model."""
+    subset = train_set.select(range(min(args.select_images, len(train_set))))
+    selection = select_class_words(model, subset, candidates=load_candidates(args.candidates, args.dataset),
+                                   processor=processor, progress=accelerator.is_main_process)
+    selection.apply(model)
+    return selection
+
+
+def resume(args, accelerator, owned) -> int:
+    """Load the checkpoint `--resume_from_checkpoint` names (or the latest); the step it was saved at (0: none)."""
+    if not args.resume_from_checkpoint:
+        return 0
+    path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" \
+        else args.resume_from_checkpoint
+    if not path:
+        return 0
+    step = load_checkpoint(accelerator, path, owned)
+    if accelerator.is_main_process:
+        logger.info("resumed from %s at step %d", os.path.basename(path), step)
+    return step
+
+
+def batch_loss(model, objective, pixels, labels, params, accelerator):
+    """This process's slice of a global batch: its CAMs (one forward, one batched backward), the POLE loss of its
+    pairs weighted by their share of the global batch's pairs, and the loss terms for the logs."""
+    total_pairs = accelerator.reduce(torch.tensor(pair_count(labels), device=accelerator.device), "sum")
+    if not pair_count(labels):  # this process's slice of an uneven last batch is empty: it adds zero gradients
+        return sum((param * 0).sum() for param in params), {"otm": 0.0, "btm": 0.0, "cbs": 0.0}
+    cam_output = model.get_cams(pixels, labels)
+    maps, images, classes = pairs_from_cams(cam_output.cams, cam_output.cam_classes)
+    with accelerator.autocast():
+        out = objective(model, pixels, maps, classes, image_indices=images,
+                        pair_share=pair_count(labels) / max(int(total_pairs), 1))
+    return out.loss, {"otm": out.otm.item(), "btm": out.btm.item(), "cbs": out.cbs.item()}
+
+
+def optimizer_step(loss, params, optimizer, scheduler, accelerator, step: int, output_dir: str) -> None:
+    """Backward, the prompt gradients summed over processes (the frozen CLIP is not in DDP), the update; a NaN/Inf
+    loss or update stops the run with the step and what to do."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss became {loss.item()} at step {step}: lower --learning_rate; the last "
+                                 f"checkpoint in {output_dir} is intact")
+    optimizer.zero_grad()
+    accelerator.backward(loss)
+    for param in params:
+        if param.grad is not None:
+            param.grad = accelerator.reduce(param.grad, "sum")
+    optimizer.step()
+    if not all(torch.isfinite(param).all() for param in params):
+        raise FloatingPointError(f"the prompt tensors became NaN/Inf at step {step}: lower --learning_rate; the "
+                                 f"last checkpoint in {output_dir} is intact")
+    scheduler.step()
+
+
 def training_function(args) -> dict:
     # split_batches: the batch size is global, so the prepared scheduler steps once per optimizer step (without it
     # accelerate steps it once per process)
@@ -171,24 +239,10 @@ def training_function(args) -> dict:
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     log_run_start(logger, accelerator, "train_pole.py")
     set_seed(args.seed)
-    args.image_size = base_image_size(args)
-    train_set = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
-                                  image_size=args.image_size)
-    class_names = class_names_of(train_set)
-    # the evaluation split is loaded (and a wrong name refused) before any training
-    args.eval_set = load_dataset_spec(args.dataset, split=args.eval_split, num_images=args.eval_images, seed=0,
-                                      image_size=args.image_size, class_names=class_names) if args.eval_split else None
-    model = build_model(args, class_names).to(accelerator.device)
+    train_set = load_data(args)
+    model = build_model(args, class_names_of(train_set)).to(accelerator.device)
     processor = PoleImageProcessor.for_model(model)
-    selection = None
-    if args.select:
-        from pole_hf.selection import load_candidates, select_class_words
-
-        subset = train_set.select(range(min(args.select_images, len(train_set))))
-        candidates = load_candidates(args.candidates, args.dataset)
-        selection = select_class_words(model, subset, candidates=candidates, processor=processor,
-                                       progress=accelerator.is_main_process)
-        selection.apply(model)
+    selection = select_words(args, model, train_set, processor, accelerator) if args.select else None
     data = PixelDataset(train_set, (args.image_size, args.image_size), processor.image_mean, processor.image_std)
     freeze_unlearned(model, learned_parts(args))
     params = [p for p in model.learnable_parameters() if p.requires_grad]
@@ -208,15 +262,8 @@ def training_function(args) -> dict:
         accelerator.init_trackers("pole", config={k: v for k, v in vars(args).items() if v is not None})
     otm, btm, cbs = (float(w) for w in args.loss_weights.split(","))
     objective = PoleObjective(weights={"otm": otm, "btm": btm, "cbs": cbs}, image_feature=args.loss_image_feature)
-    step, start_epoch, skip = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" \
-            else args.resume_from_checkpoint
-        if path:
-            step = load_checkpoint(accelerator, path, owned)
-            start_epoch, skip = divmod(step, steps_per_epoch)
-            if accelerator.is_main_process:
-                logger.info("resumed from %s at step %d", os.path.basename(path), step)
+    step = resume(args, accelerator, owned)
+    start_epoch, skip = divmod(step, steps_per_epoch)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_main_process, desc="POLE")
     history = []
     try:
@@ -225,33 +272,8 @@ def training_function(args) -> dict:
             for pixels, labels in batches[skip if epoch == start_epoch else 0:]:
                 if step >= max_steps:
                     break
-                pixels = pixels.to(accelerator.device)
-                total_pairs = accelerator.reduce(torch.tensor(pair_count(labels), device=accelerator.device), "sum")
-                if pair_count(labels):
-                    # the batch's CAMs in one forward and one batched backward, then the pairs' masked images
-                    cam_output = model.get_cams(pixels, labels)
-                    maps, images, classes = pairs_from_cams(cam_output.cams, cam_output.cam_classes)
-                    with accelerator.autocast():
-                        out = objective(model, pixels, maps, classes, image_indices=images,
-                                        pair_share=pair_count(labels) / max(int(total_pairs), 1))
-                    loss = out.loss
-                    terms = {"otm": out.otm.item(), "btm": out.btm.item(), "cbs": out.cbs.item()}
-                else:  # this process's slice of an uneven last batch is empty: it adds zero gradients
-                    loss = sum((param * 0).sum() for param in params)
-                    terms = {"otm": 0.0, "btm": 0.0, "cbs": 0.0}
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1}: lower "
-                                             f"--learning_rate; the last checkpoint in {args.output_dir} is intact")
-                optimizer.zero_grad()
-                accelerator.backward(loss)
-                for param in params:
-                    if param.grad is not None:
-                        param.grad = accelerator.reduce(param.grad, "sum")
-                optimizer.step()
-                if not all(torch.isfinite(param).all() for param in params):
-                    raise FloatingPointError(f"the prompt tensors became NaN/Inf at step {step + 1}: lower "
-                                             f"--learning_rate; the last checkpoint in {args.output_dir} is intact")
-                scheduler.step()
+                loss, terms = batch_loss(model, objective, pixels.to(accelerator.device), labels, params, accelerator)
+                optimizer_step(loss, params, optimizer, scheduler, accelerator, step + 1, args.output_dir)
                 step += 1
                 logs = {"loss": accelerator.reduce(loss.detach(), "sum").item(), **terms,
                         "lr": scheduler.get_last_lr()[0]}

@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pole_hf.caa import label_regions
 from pole_hf import image_cams
 from pole_hf._clip_internals import clip_es_position_embeddings, vision_prefix
-from pole_hf.caa import affinity_from_attention, box_mask, minmax
+from pole_hf.caa import affinity_from_attention, box_mask, label_regions, minmax
 
 
 def grid_cams(model, pixels, targets, **options):

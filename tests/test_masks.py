@@ -10,9 +10,9 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from pole_hf.masks import (
-    BackgroundRule,
     IGNORE_ID,
     VOC_PALETTE,
+    BackgroundRule,
     background_score,
     cams_to_mask,
     class_scores,

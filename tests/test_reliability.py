@@ -7,10 +7,9 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from pole_hf.atomic import atomic_path, atomic_write_text, remove_partial_files
 from pole_hf import image_cams
+from pole_hf.atomic import atomic_path, atomic_write_text, remove_partial_files
 from pole_hf.images import ImageInputError, load_image
 
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from transformers import PretrainedConfig, ResNetConfig
 
+from .vocab import VOC_CLASSES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAM_SCALES = (1.0, 0.5, 1.5, 2.0)
@@ -46,8 +48,6 @@ class PoleCamNetworkConfig(PretrainedConfig):
             backbone_config = ResNetConfig(**{k: v for k, v in backbone_config.items() if k != "model_type"})
         self.backbone_config = backbone_config if backbone_config is not None else ResNetConfig()
         if class_names is None:
-            from .vocab import VOC_CLASSES
-
             class_names = VOC_CLASSES
         self.class_names = [str(n) for n in class_names]
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):

@@ -18,7 +18,12 @@ from PIL import Image, ImageDraw
 from .atomic import atomic_save_png, atomic_write_text
 from .bundled import TINY_CLIP, TINY_PROMPTS
 from .cam_inference import image_cams
+from .data import SyntheticWorld, load_synthetic
+from .evaluation import evaluate_cams
 from .image_processing_pole import PoleImageProcessor
+from .masks import cams_to_mask, overlay_mask
+from .modeling_pole import PolePromptModel
+from .selection import select_class_words
 
 VARIANT_COLOURS = {"official names": (150, 150, 150), "selected words": (70, 130, 200), "learned tokens": (220, 120,
                                                                                                         40)}
@@ -26,9 +31,6 @@ VARIANT_COLOURS = {"official names": (150, 150, 150), "selected words": (70, 130
 
 def demo_models(base: str | None = None, selection_images: int = 60, progress: bool = True) -> dict:
     """The three prompt variants on the bundled tiny CLIP (or `base`): official names, selected words, learned."""
-    from . import PolePromptModel
-    from .data import SyntheticWorld, load_synthetic
-    from .selection import select_class_words
 
     world = SyntheticWorld()
     official = PolePromptModel.from_clip(base or TINY_CLIP, class_names=world.class_names,
@@ -111,9 +113,6 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
     """Run the demo and write `results.json`, `iou.png` and overlays into `output_dir`; returns the results.
     With `full=True` each variant's pseudo masks also train a segmentation model (`pole-hf run --prompts`), whose
     val mIoU is the table's last row (beyond the demo's 5-minute budget: ~10 minutes per variant)."""
-    from .data import load_synthetic
-    from .evaluation import evaluate_cams
-    from .masks import overlay_mask
 
     start = time.time()
     print("pole-hf demo: runs offline on the tiny CLIP bundled with pole_hf and the synthetic world "
@@ -179,7 +178,6 @@ def _segmentation_column(models: dict, output_dir: str, run_options: Sequence[st
 
 
 def _write_overlays(models, dataset, processor, output_dir, overlay_mask, count: int = 4) -> None:
-    from .masks import cams_to_mask
 
     for index in range(min(count, len(dataset))):
         item = dataset[index]

@@ -14,11 +14,18 @@ from transformers.utils import ModelOutput
 
 from . import _clip_internals as internals
 from .bundled import is_tiny_clip
-from .cam import CAA_LAYERS, gradcam
 from .caa import BOX_THRESHOLD
+from .cam import CAA_LAYERS, gradcam
 from .configuration_pole import PoleConfig
-from .loading import (cached_commit, load_base_clip, load_base_tokenizer, load_prompts, save_prompts,
-                      try_load_base_tokenizer)
+from .hub import push_prompts_to_hub
+from .loading import (
+    cached_commit,
+    load_base_clip,
+    load_base_tokenizer,
+    load_prompts,
+    save_prompts,
+    try_load_base_tokenizer,
+)
 from .prompt_learner import PoleAdapter, PolePromptLearner
 from .vocab import prompt_preset
 
@@ -194,8 +201,6 @@ class PolePromptModel(PreTrainedModel):
         Returns:
             the commit URL.
         """
-        from .hub import push_prompts_to_hub
-
         return push_prompts_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
                                    revision=revision, include_base=include_base, selection_file=selection_file,
                                    **card_kwargs)

@@ -21,6 +21,11 @@ import sys
 import time
 
 from .atomic import atomic_write_text
+from .bundled import TINY_CLIP
+from .data import SyntheticWorld
+from .data.spec import SPEC_HELP, class_names_of, load_dataset_spec
+from .modeling_pole import PolePromptModel
+from .selection import select_class_words
 
 STAGES = ("1_select", "2_prompts", "3_cams", "4_segmentation")
 STAGE_FILE = "stage.json"
@@ -32,7 +37,6 @@ class StageError(RuntimeError):
 
 def add_run_arguments(parser) -> None:
     """The `pole-hf run` flags (defaults: the offline synthetic world, about 10 minutes on 2 CPU cores)."""
-    from .data.spec import SPEC_HELP
 
     parser.add_argument("--dataset", default="synthetic", help=SPEC_HELP)
     parser.add_argument("--base", default=None, help="base CLIP id or folder (default: the bundled tiny CLIP)")
@@ -91,16 +95,11 @@ def _run_command(command: list[str], folder: str, stage: str) -> None:
 
 
 def _select(args, folder: str, image_size: int) -> None:
-    from . import PolePromptModel
-    from .bundled import TINY_CLIP
-    from .data.spec import class_names_of, load_dataset_spec
-    from .selection import select_class_words
 
     dataset = load_dataset_spec(args.dataset, split="train", num_images=args.select_images, seed=args.seed,
                                 image_size=image_size)
     options, candidates = {}, None
     if args.dataset.startswith("synthetic"):
-        from .data import SyntheticWorld
 
         world = SyntheticWorld()
         options["background_words"], candidates = world.background_kinds, world.candidates
@@ -161,7 +160,6 @@ def _base_image_size(args) -> int:
         return args.image_size
     from transformers import AutoConfig
 
-    from .bundled import TINY_CLIP
 
     config = AutoConfig.from_pretrained(args.base or TINY_CLIP)
     return getattr(config, "vision_config", config).image_size

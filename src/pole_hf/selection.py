@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import _clip_internals as internals
 from .atomic import atomic_write_text
 from .cam_inference import batched_cams
+from .data import SyntheticWorld
 from .image_processing_pole import PoleImageProcessor
 from .images import load_image
 from .labels import class_indices
@@ -170,13 +171,9 @@ def load_candidates(path: str | None, dataset_spec: str = "") -> dict[str, list[
     """Candidate words for a script's `--candidates`: the JSON file `{class: [words]}` at `path`; without one, the
     synthetic world's caption words for a `synthetic` spec, else None (POLE's VOC synonyms apply by default)."""
     if path:
-        import json
-
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     if dataset_spec.startswith("synthetic"):
-        from .data import SyntheticWorld
-
         return SyntheticWorld().candidates
     return None
 

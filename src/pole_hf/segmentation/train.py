@@ -29,6 +29,7 @@ from transformers import get_scheduler
 from ..atomic import atomic_write_text
 from ..data.spec import SPEC_HELP, class_names_of, iter_examples, load_dataset_spec
 from ..evaluation import ConfusionMatrix
+from ..hub import HUB_TIMEOUT, hub_timeout, render_segmentation_card
 from ..training import (
     add_run_arguments,
     check_trackers,
@@ -235,8 +236,6 @@ def training_function(args) -> dict:
 def save_outputs(args, model, processor, result: dict) -> None:
     """save_pretrained of the model and its processor, results.json, the model card; push when asked."""
     from huggingface_hub import HfApi
-
-    from ..hub import HUB_TIMEOUT, hub_timeout, render_segmentation_card
 
     repo_id = None
     if args.push_to_hub:  # the full repo id (namespace included) goes into the card's usage snippet
