@@ -40,6 +40,7 @@ from pole_hf.training import (
     latest_checkpoint,
     load_checkpoint,
     log_run_start,
+    record_step,
     save_checkpoint,
 )
 from pole_hf.vocab import PROMPT_PRESETS
@@ -277,10 +278,7 @@ def training_function(args) -> dict:
                 step += 1
                 logs = {"loss": accelerator.reduce(loss.detach(), "sum").item(), **terms,
                         "lr": scheduler.get_last_lr()[0]}
-                history.append(logs)
-                accelerator.log(logs, step=step)
-                progress.update(1)
-                progress.set_postfix(loss=f"{logs['loss']:.3f}")
+                record_step(accelerator, progress, history, logs, step)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args.output_dir, step, owned)
                 if args.eval_every and step % args.eval_every == 0 and accelerator.is_main_process:

@@ -68,12 +68,8 @@ def tiny_processor(tiny_model):
 
 @pytest.fixture(scope="session")
 def random_image():
-    """`random_image(seed, height, width)`: a PIL RGB image of uniform random pixels."""
-    import numpy as np
-    from PIL import Image
-
-    def make(seed: int = 0, height: int = 40, width: int = 48):
-        return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    """`random_image(seed, height, width)`: a PIL RGB image of uniform random pixels (`helpers.random_image`)."""
+    from helpers import random_image as make
 
     return make
 

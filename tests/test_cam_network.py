@@ -4,6 +4,7 @@ the Hub, the pipeline."""
 import numpy as np
 import pytest
 import torch
+from helpers import random_image
 from PIL import Image
 from transformers import AutoConfig, AutoModel, pipeline
 
@@ -22,7 +23,7 @@ def network(**options):
 
 
 def image(seed=3, size=(45, 37)):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    return random_image(seed, size[1], size[0])
 
 
 def test_default_config_builds_resnet50_shape_offline():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+from helpers import random_image
 from PIL import Image
 
 from pole_hf.cli import main
@@ -24,7 +25,7 @@ def test_usage_error_exits_2(capsys):
 
 def test_cam_writes_maps_masks_overlays(world_prompts, tmp_path, capsys):
     image = tmp_path / "img.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(image)
+    random_image(0, 40, 48).save(image)
     assert main(["--quiet", "cam", str(image), "--model", world_prompts, "--labels", "zebra", "dots",
                  "--out", str(tmp_path / "out")]) == 0
     cams = np.load(tmp_path / "out" / "img_cams.npy", allow_pickle=False)
@@ -71,7 +72,7 @@ def test_python_dash_m_runs_the_cli():
 
 
 def noise_image(path, height=40, width=48, seed=0):
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+    random_image(seed, height, width).save(path)
 
 
 def test_cam_same_stem_inputs_keep_distinct_outputs(world_prompts, tmp_path, capsys):

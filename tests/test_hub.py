@@ -4,9 +4,9 @@ run the pipeline from the repo id, pin revisions, private repos, missing repos, 
 import numpy as np
 import pytest
 import torch
+from helpers import random_image
 from huggingface_hub import HfApi, ModelCard, get_session
 from huggingface_hub.utils import hf_raise_for_status
-from PIL import Image
 from transformers import pipeline
 
 from pole_hf import PolePromptModel
@@ -34,7 +34,7 @@ def fresh_cache(local_hub, tmp_path, monkeypatch, name):
 
 
 def image():
-    return Image.fromarray(np.random.default_rng(5).integers(0, 255, (37, 45, 3), dtype=np.uint8))
+    return random_image(5, 37, 45)
 
 
 def test_push_pull_pipeline_round_trip(local_hub, hub_base, tmp_path, monkeypatch):

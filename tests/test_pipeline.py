@@ -1,5 +1,6 @@
 """`pipeline("pole-cam")` from a saved folder: labels or none, batches, and bad inputs."""
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ def pipe(tiny_model, tmp_path):
 
 
 def random_image(height=37, width=53, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    return helpers.random_image(seed, height, width)
 
 
 def test_pipeline_with_labels(pipe):

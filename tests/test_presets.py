@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import random_image
 from test_data import voc_root  # noqa: F401  (the fabricated VOC devkit fixture)
 
 from pole_hf import PolePromptModel
@@ -57,7 +57,7 @@ def test_from_clip_preset_and_overrides(tiny_clip_dir):
 
 def test_cli_cam_with_a_preset(tiny_clip_dir, tmp_path, capsys):
     image = tmp_path / "img.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(image)
+    random_image(0, 40, 48).save(image)
     out = tmp_path / "cams"
     assert main(["--quiet", "cam", str(image), "--preset", "clip-es-voc", "--base", tiny_clip_dir,
                  "--labels", "cat", "person", "--out", str(out)]) == 0

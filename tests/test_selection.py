@@ -3,10 +3,12 @@
 import json
 from types import SimpleNamespace
 
+import helpers
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import sentence_features
 from PIL import Image
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -25,14 +27,7 @@ CANDIDATES = {"cat": ["cat", "feline", "kitty"], "dog": ["dog", "puppy", "hound"
 
 
 def random_image(seed, height=32, width=32):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def sentence_features(clip, tokenizer, sentences):
-    inputs = tokenizer(sentences, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return F.normalize(clip.get_text_features(**inputs).pooler_output, dim=-1)
+    return helpers.random_image(seed, height, width)
 
 
 def test_choice_is_the_argmax_computed_independently(tiny_model, tiny_clip, tiny_tokenizer):

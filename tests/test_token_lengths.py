@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import sentence_features
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -13,12 +13,6 @@ from pole_hf import PolePromptModel
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 LONG_WORDS = {"cat": "cat", "table": "dining table", "person": "person with clothes,people,human"}
-
-
-def sentence_features(clip, tokenizer, sentences):
-    inputs = tokenizer(sentences, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return F.normalize(clip.get_text_features(**inputs).pooler_output, dim=-1)
 
 
 def long_word_model(tiny_clip_dir, **options):

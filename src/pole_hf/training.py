@@ -229,6 +229,14 @@ def log_run_start(logger: logging.Logger, accelerator, script: str) -> str:
     return line
 
 
+def record_step(accelerator, progress, history: list, logs: dict, step: int) -> None:
+    """One optimizer step's logs: kept in `history`, sent to the trackers, shown on the progress bar."""
+    history.append(logs)
+    accelerator.log(logs, step=step)
+    progress.update(1)
+    progress.set_postfix(loss=f"{logs['loss']:.3f}")
+
+
 def process_share(batch_size: int, accelerator) -> slice:
     """This process's part of a global batch of `batch_size` items, split by position (ranks first to last).
 

@@ -97,6 +97,44 @@ def _png(array: np.ndarray) -> dict[str, Any]:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
+def _read_instances(annotation_file: str, image_dir: str) -> dict:
+    """The instances JSON, checked: the file and folder exist and it has images, annotations and categories."""
+    if not os.path.isfile(annotation_file):
+        raise FileNotFoundError(f"COCO annotation file {annotation_file} does not exist: pass the instances JSON path")
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"COCO image folder {image_dir} does not exist: pass the folder holding the images")
+    with open(annotation_file, encoding="utf-8") as handle:
+        coco = json.load(handle)
+    missing = [key for key in ("images", "annotations", "categories") if key not in coco]
+    if missing:
+        raise ValueError(f"{annotation_file} lacks the keys {missing}: it is not a COCO instances file")
+    return coco
+
+
+def _annotations_by_image(coco: dict, categories: list[dict], category_to_class: dict, names: list[str],
+                          annotation_file: str) -> dict[Any, list[dict]]:
+    """Each image id's usable annotations; degenerate polygons are skipped and named in a warning, an unknown
+    category or image id raises."""
+    by_image: dict[Any, list[dict]] = {image["id"]: [] for image in coco["images"]}
+    degenerate = [a.get("id") for a in coco["annotations"] if _degenerate_polygons(a)]
+    if degenerate:
+        logger.warning("%s: skipped %d annotation(s) whose polygons have fewer than 3 points (no region): ids %s",
+                       annotation_file, len(degenerate), degenerate[:10])
+    for annotation in coco["annotations"]:
+        if _degenerate_polygons(annotation):
+            continue
+        category = annotation["category_id"]
+        if category not in category_to_class:
+            name = next((c["name"] for c in categories if c["id"] == category), None)
+            raise ValueError(f"Annotation {annotation.get('id')} in {annotation_file} has category "
+                             f"{name or category!r}, which is not in class_names {names}: add it or drop it")
+        if annotation["image_id"] not in by_image:
+            raise ValueError(f"Annotation {annotation.get('id')} in {annotation_file} refers to unknown image id "
+                             f"{annotation['image_id']}: add the image to 'images'")
+        by_image[annotation["image_id"]].append(annotation)
+    return by_image
+
+
 def load_coco(
     annotation_file: str | os.PathLike,
     image_dir: str | os.PathLike,
@@ -117,40 +155,14 @@ def load_coco(
         ``with_masks=True``, ``mask``. Images without annotations are kept with empty labels.
     """
     annotation_file, image_dir = os.fspath(annotation_file), os.fspath(image_dir)
-    if not os.path.isfile(annotation_file):
-        raise FileNotFoundError(f"COCO annotation file {annotation_file} does not exist: pass the instances JSON path")
-    if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"COCO image folder {image_dir} does not exist: pass the folder holding the images")
-    with open(annotation_file, encoding="utf-8") as handle:
-        coco = json.load(handle)
-    missing = [key for key in ("images", "annotations", "categories") if key not in coco]
-    if missing:
-        raise ValueError(f"{annotation_file} lacks the keys {missing}: it is not a COCO instances file")
-
+    coco = _read_instances(annotation_file, image_dir)
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     names = [c["name"] for c in categories] if class_names is None else list(class_names)
     if with_masks and len(names) > 254:
         raise ValueError(f"{len(names)} classes do not fit an 8-bit mask: use at most 254 classes with masks")
     class_index = {name: i for i, name in enumerate(names)}
     category_to_class = {c["id"]: class_index[c["name"]] for c in categories if c["name"] in class_index}
-
-    by_image: dict[Any, list[dict]] = {image["id"]: [] for image in coco["images"]}
-    degenerate = [a.get("id") for a in coco["annotations"] if _degenerate_polygons(a)]
-    if degenerate:
-        logger.warning("%s: skipped %d annotation(s) whose polygons have fewer than 3 points (no region): ids %s",
-                       annotation_file, len(degenerate), degenerate[:10])
-    for annotation in coco["annotations"]:
-        if _degenerate_polygons(annotation):
-            continue
-        category = annotation["category_id"]
-        if category not in category_to_class:
-            name = next((c["name"] for c in categories if c["id"] == category), None)
-            raise ValueError(f"Annotation {annotation.get('id')} in {annotation_file} has category "
-                             f"{name or category!r}, which is not in class_names {names}: add it or drop it")
-        if annotation["image_id"] not in by_image:
-            raise ValueError(f"Annotation {annotation.get('id')} in {annotation_file} refers to unknown image id "
-                             f"{annotation['image_id']}: add the image to 'images'")
-        by_image[annotation["image_id"]].append(annotation)
+    by_image = _annotations_by_image(coco, categories, category_to_class, names, annotation_file)
 
     columns: dict[str, list] = {"image": [], "labels": [], "image_id": []}
     if with_masks:

@@ -37,6 +37,7 @@ from ..training import (
     load_checkpoint,
     log_run_start,
     prune_checkpoints,
+    record_step,
     save_checkpoint,
 )
 from .data import SegmentationTrainSet, load_pseudo_masks
@@ -203,10 +204,7 @@ def training_function(args) -> dict:
             step += 1
             logs = {"loss": accelerator.reduce(loss.detach(), "sum").item() / accelerator.num_processes,
                     "lr": scheduler.get_last_lr()[0]}
-            history.append(logs)
-            accelerator.log(logs, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.3f}")
+            record_step(accelerator, progress, history, logs, step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args.output_dir, step)
                 if accelerator.is_main_process:
