@@ -12,9 +12,11 @@ from pole_hf.objective import (
     PoleObjective,
     btm_loss,
     cbs_loss,
-    flatten_pairs,
+    check_pairs,
     masked_images,
     otm_loss,
+    pairs_from_cams,
+    pairs_from_lists,
 )
 
 BACKGROUND = ["grass", "sky", "water"]
@@ -76,31 +78,37 @@ def test_masked_images_layouts_agree_and_split_the_image():
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 16, 16)
     cams = torch.rand(2, 2, 4, 4)
-    fg, bg = masked_images(pixels, cams)
+    fg, bg = masked_images(pixels, cams.flatten(0, 1), image_indices=[0, 0, 1, 1])
     assert fg.shape == bg.shape == (4, 3, 16, 16)
     torch.testing.assert_close(fg + bg, pixels.repeat_interleave(2, dim=0))
     up = F.interpolate(cams[1, 0][None, None], size=(16, 16), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(fg[2], up * pixels[1])
-    as_list = masked_images(pixels, [cams[0], cams[1]])
-    as_pairs = masked_images(pixels, cams.flatten(0, 1), image_indices=[0, 0, 1, 1])
-    for other in (as_list, as_pairs):
+    maps, images, classes = pairs_from_lists([cams[0], cams[1]], [[2, 0], [1, 2]])
+    assert images.tolist() == [0, 0, 1, 1] and classes.tolist() == [2, 0, 1, 2]
+    as_list = masked_images(pixels, maps, image_indices=images)
+    padded = pairs_from_cams(cams, torch.tensor([[2, 0], [1, 2]]))
+    for other in (as_list, masked_images(pixels, padded[0], image_indices=padded[1])):
         torch.testing.assert_close(other[0], fg)
         torch.testing.assert_close(other[1], bg)
-    small_fg, _ = masked_images(pixels, cams, size=(8, 8))
+    small_fg, _ = masked_images(pixels, cams.flatten(0, 1), image_indices=[0, 0, 1, 1], size=(8, 8))
     assert small_fg.shape == (4, 3, 8, 8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
-    black = masked_images(pixels, torch.zeros(2, 1, 4, 4), image_mean=mean, image_std=std)[0]
+    black = masked_images(pixels, torch.zeros(2, 4, 4), image_mean=mean, image_std=std)[0]  # one map per image
     torch.testing.assert_close(black[:, :, 0, 0], ((torch.zeros(3) - torch.tensor(mean)) / 0.2).expand(2, 3))
 
 
 def test_layout_errors():
     pixels = torch.zeros(2, 3, 8, 8)
     with pytest.raises(ValueError, match="pass image_indices"):
-        flatten_pairs(torch.zeros(3, 4, 4), 2)
+        check_pairs(torch.zeros(3, 4, 4), 2)
     with pytest.raises(ValueError, match=r"image_indices \[0, 2\]"):
-        flatten_pairs(torch.zeros(2, 4, 4), 2, image_indices=[0, 2])
-    with pytest.raises(ValueError, match="CAMs for 1 images but 2"):
-        masked_images(pixels, [torch.zeros(1, 4, 4)])
+        check_pairs(torch.zeros(2, 4, 4), 2, image_indices=[0, 2])
+    with pytest.raises(ValueError, match=r"give \[P, h, w\]"):
+        masked_images(pixels, torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="CAMs for 1 images but 2 label lists"):
+        pairs_from_lists([torch.zeros(1, 4, 4)], [[0], [1]])
+    with pytest.raises(ValueError, match="image 0 has 1 maps for 2 classes"):
+        pairs_from_lists([torch.zeros(1, 4, 4)], [[0, 1]])
     with pytest.raises(ValueError, match="unknown loss weights"):
         PoleObjective(weights={"area": 1.0})
 
@@ -115,8 +123,8 @@ def test_gradients_reach_only_the_prompts(tiny_clip_dir, adapters):
     model = prompt_model(tiny_clip_dir, use_adapters=adapters, image_feature="pooled")
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 32, 32)
-    cams = [torch.rand(2, 4, 4), torch.rand(1, 4, 4)]
-    out = PoleObjective(cbs_threshold=0.0)(model, pixels, cams, [[0, 2], [1]])
+    maps, images, classes = pairs_from_lists([torch.rand(2, 4, 4), torch.rand(1, 4, 4)], [[0, 2], [1]])
+    out = PoleObjective(cbs_threshold=0.0)(model, pixels, maps, classes, image_indices=images)
     out.loss.backward()
     assert out.cbs_pairs.item() > 0
     assert all(p.grad is None for p in model.clip.parameters())
@@ -133,8 +141,8 @@ def test_optimizer_steps_reduce_the_loss(tiny_clip_dir):
     model = prompt_model(tiny_clip_dir, image_feature="pooled")
     torch.manual_seed(0)
     pixels = torch.randn(3, 3, 32, 32)
-    cams = torch.rand(3, 1, 4, 4)
-    classes = torch.tensor([[0], [1], [2]])
+    cams = torch.rand(3, 4, 4)  # one map per image
+    classes = torch.tensor([0, 1, 2])
     objective = PoleObjective(cbs_threshold=0.05)
     optimizer = torch.optim.Adam(model.learnable_parameters(), lr=5e-3)
     history = []
@@ -152,26 +160,25 @@ def test_optimizer_steps_reduce_the_loss(tiny_clip_dir):
 
 
 def test_with_the_models_cams_and_no_pairs(tiny_model):
-    from pole_hf.objective import pairs_from_cams
-
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 32, 40)
     labels = [[1], [0, 2]]
     output = tiny_model.get_cams(pixels, labels)  # [2, 2, 4, 5] patch-grid maps, the first image's second slot empty
     maps, images, classes = pairs_from_cams(output.cams, output.cam_classes)
     assert images.tolist() == [0, 1, 1] and classes.tolist() == [1, 0, 2]
-    cams = [maps[:1], maps[1:]]
     out = PoleObjective()(tiny_model, pixels, maps, classes, image_indices=images)
     assert out.fg_scores.shape == (3,) and torch.isfinite(out.loss)
-    torch.testing.assert_close(out.loss, PoleObjective()(tiny_model, pixels, cams, labels).loss)
+    listed = pairs_from_lists([maps[:1], maps[1:]], labels)
+    torch.testing.assert_close(out.loss, PoleObjective()(tiny_model, pixels, listed[0], listed[2],
+                                                         image_indices=listed[1]).loss)
     half = PoleObjective()(tiny_model, pixels, maps, classes, image_indices=images, pair_share=0.5)
     torch.testing.assert_close(half.loss, 0.5 * (10 * out.otm + 25 * out.btm) + out.cbs)
-    empty = PoleObjective()(tiny_model, pixels, [torch.zeros(0, 4, 5)] * 2, [[], []])
+    empty = PoleObjective()(tiny_model, pixels, torch.zeros(0, 4, 5), [], image_indices=[])
     assert empty.loss.item() == 0.0 and empty.loss.requires_grad
     with pytest.raises(ValueError, match="must lie in"):
-        PoleObjective()(tiny_model, pixels, cams, [[5], [0, 2]])
+        PoleObjective()(tiny_model, pixels, maps, [5, 0, 2], image_indices=images)
     with pytest.raises(ValueError, match="2 class indices for 3 CAMs"):
-        PoleObjective()(tiny_model, pixels, cams, [[1], [0]])
+        PoleObjective()(tiny_model, pixels, maps, [1, 0], image_indices=images)
 
 
 @pytest.mark.parametrize("kind", ["pooled", "patch_mean"])

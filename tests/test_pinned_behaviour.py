@@ -66,7 +66,7 @@ def test_masked_images_in_pixel_space_turn_masked_parts_black():
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
     raw = torch.rand(1, 3, 4, 4)
     pixels = (raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    cam = torch.zeros(1, 1, 4, 4)
+    cam = torch.zeros(1, 4, 4)
     cam[..., :2] = 1.0  # left half is the object
     fg, bg = masked_images(pixels, cam, image_mean=mean, image_std=std)
     black = (0 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)

@@ -68,33 +68,18 @@ class PoleLossOutput(ModelOutput):
     cbs_pairs: torch.LongTensor | None = None
 
 
-def flatten_pairs(cams, num_images: int, image_indices=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring the accepted CAM layouts to one map per (image, class) pair.
-
-    Args:
-        cams: ``[N, K, h, w]`` (K maps per image), ``[P, h, w]`` with `image_indices` (or P == N: one map per
-            image), or a list of N per-image tensors ``[k_i, h, w]``.
-        num_images: N, the number of images the maps belong to.
-        image_indices: ``[P]`` image of each map, for the ``[P, h, w]`` layout.
+def check_pairs(cams, num_images: int, image_indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One map per (image, class) pair, ``[P, h, w]``, and the image of each: `image_indices` ``[P]``, or none when
+    every image has one map (P == N). Other layouts convert first: [`pairs_from_cams`] (a model's padded output),
+    [`pairs_from_lists`] (per-image lists).
 
     Returns:
         ``(maps [P, h, w], image_indices [P])``.
     """
-    if isinstance(cams, (list, tuple)):
-        if len(cams) != num_images:
-            raise ValueError(f"got CAMs for {len(cams)} images but {num_images} images: give one [k, h, w] tensor "
-                             "per image")
-        maps = [torch.as_tensor(c) for c in cams]
-        maps = [m[None] if m.ndim == 2 else m for m in maps]
-        index = torch.cat([torch.full((m.shape[0],), i, dtype=torch.long) for i, m in enumerate(maps)])
-        return torch.cat(maps), index
     cams = torch.as_tensor(cams)
-    if cams.ndim == 4:
-        if cams.shape[0] != num_images:
-            raise ValueError(f"CAMs of shape {tuple(cams.shape)} do not match {num_images} images: use [N, K, h, w]")
-        return cams.flatten(0, 1), torch.arange(num_images).repeat_interleave(cams.shape[1])
     if cams.ndim != 3:
-        raise ValueError(f"CAMs of shape {tuple(cams.shape)}: use [N, K, h, w], [P, h, w] or a list of [k, h, w]")
+        raise ValueError(f"CAMs of shape {tuple(cams.shape)}: give [P, h, w], one map per (image, class) pair "
+                         "(pairs_from_cams / pairs_from_lists convert other layouts)")
     if image_indices is None:
         if cams.shape[0] != num_images:
             raise ValueError(f"{cams.shape[0]} CAMs for {num_images} images: pass image_indices to say which image "
@@ -108,6 +93,31 @@ def flatten_pairs(cams, num_images: int, image_indices=None) -> tuple[torch.Tens
     return cams, index
 
 
+def pairs_from_cams(cams: torch.Tensor, cam_classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (image, class) pairs of a model's CAM output (`cams [B, K, h, w]`, `cam_classes [B, K]`, `-1` padding):
+    ``(maps [P, h, w], image_indices [P], class_indices [P])``."""
+    valid = cam_classes >= 0
+    rows = torch.arange(cams.shape[0], device=cam_classes.device)[:, None].expand_as(cam_classes)
+    return cams[valid.to(cams.device)], rows[valid].cpu(), cam_classes[valid].cpu()
+
+
+def pairs_from_lists(cams: Sequence, class_indices: Sequence[Sequence[int]]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (image, class) pairs of per-image maps ``[k_i, h, w]`` and their class lists:
+    ``(maps [P, h, w], image_indices [P], class_indices [P])``."""
+    if len(cams) != len(class_indices):
+        raise ValueError(f"got CAMs for {len(cams)} images but {len(class_indices)} label lists: give one [k, h, w] "
+                         "tensor and one class list per image")
+    maps = [torch.as_tensor(c) for c in cams]
+    maps = [m[None] if m.ndim == 2 else m for m in maps]
+    classes = [torch.as_tensor(list(c), dtype=torch.long).flatten() for c in class_indices]
+    for position, (m, c) in enumerate(zip(maps, classes)):
+        if m.shape[0] != c.numel():
+            raise ValueError(f"image {position} has {m.shape[0]} maps for {c.numel()} classes: one map per class")
+    index = torch.cat([torch.full((m.shape[0],), i, dtype=torch.long) for i, m in enumerate(maps)])
+    return torch.cat(maps), index, torch.cat(classes) if classes else torch.zeros(0, dtype=torch.long)
+
+
 def masked_images(pixel_values: torch.Tensor, cams, image_indices=None, size: tuple[int, int] | None = None,
                   image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
                   detach: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +125,10 @@ def masked_images(pixel_values: torch.Tensor, cams, image_indices=None, size: tu
 
     Args:
         pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`): processed (normalised) images.
-        cams: the maps, in any layout of [`flatten_pairs`]; resized (bilinear) to the images, clipped to [0, 1],
+        cams: ``[P, h, w]`` maps, one per (image, class) pair (see [`check_pairs`]); resized (bilinear) to the
+            images, clipped to [0, 1],
             detached unless `detach=False`.
-        image_indices: the image of each map for the ``[P, h, w]`` layout.
+        image_indices: ``[P]`` the image of each map (none when P == N).
         size: resize images and maps to this `(height, width)` first (CLIMS squashes both to CLIP's 224).
         image_mean, image_std: when given, masking happens in [0, 1] pixel space (masked-out parts turn black,
             as in POLE's masked images); otherwise on the normalised values as CLIMS does (they turn the mean colour).
@@ -125,9 +136,9 @@ def masked_images(pixel_values: torch.Tensor, cams, image_indices=None, size: tu
             network learns through the masks).
 
     Returns:
-        ``(fg, bg)``, each ``[P, 3, H, W]`` (or ``size``), pairs in `flatten_pairs` order.
+        ``(fg, bg)``, each ``[P, 3, H, W]`` (or ``size``), pairs in map order.
     """
-    maps, index = flatten_pairs(cams, pixel_values.shape[0], image_indices)
+    maps, index = check_pairs(cams, pixel_values.shape[0], image_indices)
     pixels = pixel_values.detach()
     if size is not None and tuple(pixels.shape[-2:]) != tuple(size):
         pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
@@ -254,15 +265,18 @@ class PoleObjective(nn.Module):
                 tokens, context, text adapter), image features from [`image_features`] (frozen CLIP; the visual
                 adapter, if any, gets gradients).
             pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`): processed images.
-            cams: detached CAMs of the current prompts, in any layout of [`flatten_pairs`].
-            class_indices: the class of each map, matching the CAM layout: ``[N, K]`` (or ``[K]`` for all images)
-                for ``[N, K, h, w]``; ``[P]`` for ``[P, h, w]``; per-image lists for a list of ``[k_i, h, w]``.
-            image_indices: the image of each map for the ``[P, h, w]`` layout.
+            cams: ``[P, h, w]`` detached CAMs of the current prompts, one per (image, class) pair
+                ([`pairs_from_cams`] turns the model's output into them).
+            class_indices: ``[P]`` the class of each map.
+            image_indices: ``[P]`` the image of each map (none when P == N).
             size, image_mean, image_std: see [`masked_images`].
             pair_share: see [`losses`].
         """
-        maps, _ = flatten_pairs(cams, pixel_values.shape[0], image_indices)
-        classes = _flatten_classes(class_indices, cams, maps.shape[0])
+        maps, _ = check_pairs(cams, pixel_values.shape[0], image_indices)
+        classes = torch.as_tensor(class_indices, dtype=torch.long).flatten()
+        if classes.numel() != maps.shape[0]:
+            raise ValueError(f"{classes.numel()} class indices for {maps.shape[0]} CAMs: give one class per map, in "
+                             "map order")
         if classes.numel() and not 0 <= int(classes.min()) <= int(classes.max()) < model.config.num_classes:
             raise ValueError(f"class_indices {classes.tolist()} must lie in [0, {model.config.num_classes})")
         fg, bg = masked_images(pixel_values, cams, image_indices, size, image_mean, image_std)
@@ -275,28 +289,5 @@ class PoleObjective(nn.Module):
         return self.losses(features[:pairs], features[pairs:], text, classes, model.config.num_classes, pair_share)
 
 
-def pairs_from_cams(cams: torch.Tensor, cam_classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (image, class) pairs of a model's CAM output (`cams [B, K, h, w]`, `cam_classes [B, K]`, `-1` padding):
-    ``(maps [P, h, w], image_indices [P], class_indices [P])``, the ``[P, h, w]`` layout of [`flatten_pairs`]."""
-    valid = cam_classes >= 0
-    rows = torch.arange(cams.shape[0], device=cam_classes.device)[:, None].expand_as(cam_classes)
-    return cams[valid.to(cams.device)], rows[valid].cpu(), cam_classes[valid].cpu()
-
-
-def _flatten_classes(class_indices, cams, pairs: int) -> torch.Tensor:
-    """Class indices ``[P]`` in the pair order of [`flatten_pairs`]."""
-    if isinstance(cams, (list, tuple)):
-        flat = [int(c) for per_image in class_indices for c in torch.as_tensor(per_image).flatten().tolist()]
-        classes = torch.tensor(flat, dtype=torch.long)
-    else:
-        classes = torch.as_tensor(class_indices, dtype=torch.long)
-        if torch.as_tensor(cams).ndim == 4 and classes.ndim == 1:
-            classes = classes.repeat(torch.as_tensor(cams).shape[0])
-        classes = classes.flatten()
-    if classes.numel() != pairs:
-        raise ValueError(f"{classes.numel()} class indices for {pairs} CAMs: give one class per map, in map order")
-    return classes
-
-
-__all__ = ["PoleLossOutput", "PoleObjective", "btm_loss", "cbs_loss", "flatten_pairs", "masked_images", "otm_loss",
-           "pairs_from_cams"]
+__all__ = ["PoleLossOutput", "PoleObjective", "btm_loss", "cbs_loss", "check_pairs", "masked_images", "otm_loss",
+           "pairs_from_cams", "pairs_from_lists"]
