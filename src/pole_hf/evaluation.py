@@ -28,9 +28,9 @@ class ConfusionMatrix:
     target class.
 
     Args:
-        num_classes: Number of labels, background included (21 for PASCAL VOC).
-        ignore_index: Label that marks pixels to leave out.
-        count_ignored_predictions: Count unlabelled predictions as wrong instead of skipping them.
+        num_classes: number of labels, background included (21 for PASCAL VOC).
+        ignore_index: label that marks pixels to leave out.
+        count_ignored_predictions: count unlabelled predictions as wrong instead of skipping them.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_ID, count_ignored_predictions: bool = False):
@@ -59,8 +59,8 @@ class ConfusionMatrix:
         """Adds one prediction / ground-truth pair (any matching shape; arrays or "P"/"L" PIL images).
 
         Args:
-            pred: Predicted labels.
-            target: Ground-truth labels.
+            pred: predicted labels.
+            target: ground-truth labels.
 
         Returns:
             `self`, for chaining.
@@ -147,7 +147,7 @@ class ConfusionMatrix:
         """Renders per-class IoU, precision and recall (in %) as a markdown table, with the mean as its last row.
 
         Args:
-            class_names: One name per class, background first; defaults to the class indices.
+            class_names: one name per class, background first; defaults to the class indices.
 
         Returns:
             The table as a string.
@@ -190,10 +190,10 @@ def evaluate_masks(
 
     Args:
         pairs: Iterable of `(pred, target)` arrays or "P"/"L" PIL images.
-        num_classes: Number of labels, background included.
-        ignore_index: Label to leave out.
+        num_classes: number of labels, background included.
+        ignore_index: label to leave out.
         count_ignored_predictions: See [`ConfusionMatrix`].
-        class_names: Optional names for the returned table.
+        class_names: optional names for the returned table.
 
     Returns:
         Dict with `mean_iou`, `pixel_accuracy`, `coverage`, `per_class_iou` (array), `num_images`, `table`
@@ -222,12 +222,12 @@ class ThresholdSweep:
     exponent of `(1 - max cam) ** t`. Masks are made by [`pole_hf.masks.cams_to_mask`].
 
     Args:
-        num_classes: Number of labels, background included.
-        thresholds: The background values to try (e.g. `np.arange(0, 1, 0.05)` or `(1, 2)` for power).
+        num_classes: number of labels, background included.
+        thresholds: the background values to try (e.g. `np.arange(0, 1, 0.05)` or `(1, 2)` for power).
         mode: `"threshold"` or `"power"`.
-        ignore_index: Target label to leave out.
+        ignore_index: target label to leave out.
         crf: Refine each setting's scores with a dense CRF (CLIP-ES's pseudo masks) before the argmax.
-        crf_image: The CRF's appearance image, `"clip_es"` or `"rgb"` (see [`pole_hf.masks.crf_image`]).
+        crf_image: the CRF's appearance image, `"clip_es"` or `"rgb"` (see [`pole_hf.masks.crf_image`]).
     """
 
     def __init__(
@@ -248,10 +248,10 @@ class ThresholdSweep:
         """Adds one image.
 
         Args:
-            cams: Foreground CAMs `[k, H, W]` in [0, 1].
-            class_ids: The k 1-based class ids of the maps.
-            target: Ground-truth mask `[H, W]`.
-            image: The RGB image (uint8 `[H, W, 3]` or PIL), needed when the sweep was built with `crf=True`.
+            cams: foreground CAMs `[k, H, W]` in [0, 1].
+            class_ids: the k 1-based class ids of the maps.
+            target: ground-truth mask `[H, W]`.
+            image: the RGB image (uint8 `[H, W, 3]` or PIL), needed when the sweep was built with `crf=True`.
 
         Returns:
             `self`, for chaining.
@@ -298,7 +298,7 @@ def load_mean_iou_metric(**kwargs):
     """Loads the shipped mean-IoU metric with `evaluate.load`, offline (no Hub access needed).
 
     Args:
-        **kwargs: Passed on to `evaluate.load`.
+        **kwargs: passed on to `evaluate.load`.
 
     Returns:
         An `evaluate.Metric`; its `compute(predictions, references, num_labels, ignore_index)` uses

@@ -102,8 +102,8 @@ def class_scores(cams: np.ndarray, rule: BackgroundRule = DEFAULT_BACKGROUND) ->
     """Stacks the background score in front of the foreground CAMs.
 
     Args:
-        cams: Foreground maps, float `[k, H, W]` in [0, 1].
-        rule: The background rule.
+        cams: foreground maps, float `[k, H, W]` in [0, 1].
+        rule: the background rule.
 
     Returns:
         Float32 array `[k + 1, H, W]`; channel 0 is background, channel `i` is `cams[i - 1]`.
@@ -116,9 +116,9 @@ def scores_to_mask(scores: np.ndarray, class_ids: Sequence[int], ignore_below: f
     """Labels each pixel with the argmax of `[background, classes]` scores (ties go to the lower channel).
 
     Args:
-        scores: Float `[k + 1, H, W]`, background first (output of [`class_scores`] or [`crf_refine`]).
-        class_ids: The k dataset class ids of channels 1..k.
-        ignore_below: If set, pixels whose winning score is below it become 255.
+        scores: float `[k + 1, H, W]`, background first (output of [`class_scores`] or [`crf_refine`]).
+        class_ids: the k dataset class ids of channels 1..k.
+        ignore_below: if set, pixels whose winning score is below it become 255.
 
     Returns:
         Uint8 mask `[H, W]` with values in `{0, *class_ids, 255}`.
@@ -145,10 +145,10 @@ def cams_to_mask(cams: np.ndarray, class_ids: Sequence[int], rule: BackgroundRul
     """Turns foreground CAMs into a pseudo mask.
 
     Args:
-        cams: Foreground maps, float `[k, H, W]` in [0, 1]; NaN raises `ValueError`.
-        class_ids: The k 1-based dataset class ids of the maps.
-        rule: The background rule.
-        ignore_below: If set, pixels whose winning score is below it become 255.
+        cams: foreground maps, float `[k, H, W]` in [0, 1]; NaN raises `ValueError`.
+        class_ids: the k 1-based dataset class ids of the maps.
+        rule: the background rule.
+        ignore_below: if set, pixels whose winning score is below it become 255.
 
     Returns:
         Uint8 mask `[H, W]`: 0 background, class ids, 255 ignore. With no classes (k = 0) every pixel is background.
@@ -163,7 +163,7 @@ def crf_image(image: np.ndarray, mode: str = "clip_es") -> np.ndarray:
     """The bilateral kernel's image for [`crf_refine`].
 
     Args:
-        image: Uint8 RGB image `[H, W, 3]`.
+        image: uint8 RGB image `[H, W, 3]`.
         mode: `"clip_es"`: CLIP-ES's input (`eval_cam_with_crf.py`): BGR minus the Caffe mean
             `(104.008, 116.669, 122.675)`, cast to uint8, so negative values wrap around (-1 becomes 255) and dark
             pixels look bright to the kernel; `"rgb"`: the image itself (the corrected input).
@@ -198,17 +198,17 @@ def crf_refine(
     Needs the optional `pydensecrf2` package (`pip install pole_hf[crf]` or `pip install pydensecrf2`).
 
     Args:
-        image: Uint8 RGB image `[H, W, 3]`.
-        probs: Non-negative scores `[C, H, W]` (e.g. [`class_scores`]); used as `-log(clip(p, 1e-5, 1))` unaries.
-        iterations: Mean-field iterations.
-        pos_xy: Spatial standard deviation of the smoothness (Gaussian) kernel.
-        pos_w: Weight of the smoothness kernel.
-        bi_xy: Spatial standard deviation of the appearance (bilateral) kernel.
-        bi_rgb: Colour standard deviation of the appearance kernel.
-        bi_w: Weight of the appearance kernel.
-        image_mode: The appearance kernel's image, see [`crf_image`]: `"clip_es"` (BGR minus mean, wrapped to
+        image: uint8 RGB image `[H, W, 3]`.
+        probs: non-negative scores `[C, H, W]` (e.g. [`class_scores`]); used as `-log(clip(p, 1e-5, 1))` unaries.
+        iterations: mean-field iterations.
+        pos_xy: spatial standard deviation of the smoothness (Gaussian) kernel.
+        pos_w: weight of the smoothness kernel.
+        bi_xy: spatial standard deviation of the appearance (bilateral) kernel.
+        bi_rgb: colour standard deviation of the appearance kernel.
+        bi_w: weight of the appearance kernel.
+        image_mode: the appearance kernel's image, see [`crf_image`]: `"clip_es"` (BGR minus mean, wrapped to
             uint8, as CLIP-ES) or `"rgb"` (the image; corrected).
-        half_precision: Round `probs` to fp16 and take the unaries' log in fp16, as CLIP-ES does with its saved
+        half_precision: round `probs` to fp16 and take the unaries' log in fp16, as CLIP-ES does with its saved
             fp16 maps; `False` keeps float32.
 
     Returns:
@@ -249,9 +249,9 @@ def crf_scores(image: np.ndarray, cams: np.ndarray, rule: BackgroundRule = DEFAU
     ([`class_scores`]), then [`crf_refine`].
 
     Args:
-        image: Uint8 RGB image `[H, W, 3]` (or PIL).
-        cams: Foreground maps `[k, H, W]` in [0, 1] at the image's size.
-        rule: The background rule.
+        image: uint8 RGB image `[H, W, 3]` (or PIL).
+        cams: foreground maps `[k, H, W]` in [0, 1] at the image's size.
+        rule: the background rule.
         image_mode, half_precision: See [`crf_refine`].
         max_side: When the image's longer side exceeds it, the CRF runs on the image and maps downscaled to this
             side (the CAMs' computation size) and its marginals are upsampled bilinearly (a 6000x4000 photo:
@@ -280,7 +280,7 @@ def mask_to_image(mask: np.ndarray) -> Image.Image:
     """Wraps a label mask into a palette ("P") image with the VOC colours.
 
     Args:
-        mask: Integer mask `[H, W]` with values in 0..255.
+        mask: integer mask `[H, W]` with values in 0..255.
 
     Returns:
         A `PIL.Image` in mode "P".
@@ -324,7 +324,7 @@ def jet_colormap(values: np.ndarray) -> np.ndarray:
     """Maps values in [0, 1] to jet-like RGB colours (dark blue -> cyan -> yellow -> dark red).
 
     Args:
-        values: Float array of any shape; clipped to [0, 1].
+        values: float array of any shape; clipped to [0, 1].
 
     Returns:
         Uint8 array with a trailing RGB axis.
@@ -346,9 +346,9 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5) -> Image.Im
     """Blends a jet heatmap of one CAM over an image.
 
     Args:
-        image: The `PIL.Image`.
-        cam: Float map `[H, W]` in [0, 1]; resized to the image if its size differs.
-        alpha: Heatmap weight in [0, 1].
+        image: the `PIL.Image`.
+        cam: float map `[H, W]` in [0, 1]; resized to the image if its size differs.
+        alpha: heatmap weight in [0, 1].
 
     Returns:
         RGB `PIL.Image` of the image's size.
@@ -370,10 +370,10 @@ def overlay_mask(
     """Colours an image by a label mask with the VOC palette.
 
     Args:
-        image: The `PIL.Image`.
-        mask: Integer mask `[H, W]` of the image's size.
-        alpha: Colour weight in [0, 1].
-        skip_background: Leave background (0) pixels untouched.
+        image: the `PIL.Image`.
+        mask: integer mask `[H, W]` of the image's size.
+        alpha: colour weight in [0, 1].
+        skip_background: leave background (0) pixels untouched.
 
     Returns:
         RGB `PIL.Image` of the image's size.

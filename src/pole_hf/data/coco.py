@@ -144,11 +144,11 @@ def load_coco(
     """Load a COCO-style instances JSON with its image folder.
 
     Args:
-        annotation_file: Path to the instances JSON (``images``, ``annotations``, ``categories``).
-        image_dir: Folder holding the images named by ``images[].file_name``.
-        class_names: Class names in label order; defaults to the JSON's categories sorted by id. Every category that
+        annotation_file: path to the instances JSON (``images``, ``annotations``, ``categories``).
+        image_dir: folder holding the images named by ``images[].file_name``.
+        class_names: class names in label order; defaults to the JSON's categories sorted by id. Every category that
             an annotation uses must be in it.
-        with_masks: Rasterise segmentations into a ``mask`` column (class index + 1, 0 = background).
+        with_masks: rasterise segmentations into a ``mask`` column (class index + 1, 0 = background).
 
     Returns:
         A ``datasets.Dataset`` with ``image``, ``labels`` (``List(ClassLabel)``), ``image_id`` and, with

@@ -41,10 +41,10 @@ def load_imagefolder(
 
     Args:
         path_or_repo: A local folder in imagefolder layout, or a Hub dataset id (``"user/name"``).
-        label_column: The metadata column holding each image's class names.
-        class_names: Class names in label order; defaults to every name found in the split, sorted.
-        split: The split to load.
-        data_files: Optional data files passed to ``datasets.load_dataset`` (patterns relative to the folder/repo).
+        label_column: the metadata column holding each image's class names.
+        class_names: class names in label order; defaults to every name found in the split, sorted.
+        split: the split to load.
+        data_files: optional data files passed to ``datasets.load_dataset`` (patterns relative to the folder/repo).
 
     Returns:
         The split as a ``datasets.Dataset``; ``label_column`` is replaced by ``labels`` (``List(ClassLabel)``).

@@ -108,7 +108,7 @@ class SyntheticWorld:
     """The rules of the synthetic world: classes, their textures and words, backgrounds, object layout.
 
     Args:
-        classes: The class table (official name, texture, words with probabilities); defaults to ``WORLD_CLASSES``.
+        classes: the class table (official name, texture, words with probabilities); defaults to ``WORLD_CLASSES``.
         object_count_weights: Probabilities of 1, 2, 3, ... objects per image (distinct classes).
         radius_range: Object radius as a fraction of the shorter image side.
         min_visible_fraction: Every object keeps at least this fraction of its in-image area unoccluded;
@@ -186,9 +186,9 @@ class SyntheticWorld:
         """Write a caption naming ``labels`` with words drawn from the skewed vocabulary, in random order.
 
         Args:
-            labels: Class indices or names present in the image.
+            labels: class indices or names present in the image.
             rng: A numpy ``Generator`` (or a seed) to draw words, order, template and background mention.
-            background: The image's background kind; mentioned with probability ``background_mention_prob``.
+            background: the image's background kind; mentioned with probability ``background_mention_prob``.
 
         Returns:
             A caption such as ``"a photo of stripes and dots"`` or ``"rings, grid and bars on grass"``.
@@ -238,7 +238,7 @@ class SyntheticWorld:
 
         Args:
             rng_or_seed: A numpy ``Generator``, or a seed (int or sequence of ints) for ``np.random.default_rng``.
-            image_size: Side length, or ``(height, width)``.
+            image_size: side length, or ``(height, width)``.
 
         Returns:
             A dict with ``image`` (uint8 ``(H, W, 3)``), ``mask`` (uint8 ``(H, W)``, class index + 1, 0 = background),
@@ -293,11 +293,11 @@ def generate(
     ``split`` (``None`` means ``"train"``), ``i`` and ``image_size``, never on ``num_images``.
 
     Args:
-        num_images: How many images to yield.
-        seed: Non-negative base seed.
-        image_size: Side length, or ``(height, width)``.
-        split: Split name; different names give disjoint random streams.
-        world: The world's rules; defaults to ``SyntheticWorld()``.
+        num_images: how many images to yield.
+        seed: non-negative base seed.
+        image_size: side length, or ``(height, width)``.
+        split: split name; different names give disjoint random streams.
+        world: the world's rules; defaults to ``SyntheticWorld()``.
     """
     if num_images < 0 or seed < 0:
         raise ValueError(f"num_images={num_images} and seed={seed} must both be non-negative")
@@ -328,12 +328,12 @@ def load_synthetic(
     large worlds iterate ``generate`` instead or ``save_to_disk`` the result.
 
     Args:
-        num_images: How many images.
-        seed: Non-negative base seed; the same seed gives byte-identical images and masks.
-        image_size: Side length, or ``(height, width)``.
-        split: Split name (``None`` means ``"train"``); different names give different images.
-        world: The world's rules; defaults to ``SyntheticWorld()``.
-        with_caption: Whether to include the ``caption`` column.
+        num_images: how many images.
+        seed: non-negative base seed; the same seed gives byte-identical images and masks.
+        image_size: side length, or ``(height, width)``.
+        split: split name (``None`` means ``"train"``); different names give different images.
+        world: the world's rules; defaults to ``SyntheticWorld()``.
+        with_caption: whether to include the ``caption`` column.
 
     Returns:
         A ``datasets.Dataset`` of ``num_images`` rows.

@@ -107,10 +107,10 @@ def load_voc(
     """Load a split of a local PASCAL VOC 2012 devkit.
 
     Args:
-        root: The ``VOC2012`` folder (or the ``VOCdevkit`` folder holding it).
+        root: the ``VOC2012`` folder (or the ``VOCdevkit`` folder holding it).
         split: A split file name in ``ImageSets/Segmentation`` (``"train"``, ``"val"``, ``"trainval"``, ...).
         use_aug: Read masks from ``SegmentationClassAug`` and, for ``split="train"``, ids from ``train_aug.txt``.
-        class_names: Foreground class names in label order (mask value = index + 1).
+        class_names: foreground class names in label order (mask value = index + 1).
         check_sizes: Log the masks whose size differs from their image's (reads only the file headers); such
             examples are skipped, and counted, by the runs that read them.
 
