@@ -16,3 +16,16 @@ def sentence_features(clip, tokenizer, sentences) -> torch.Tensor:
     inputs = tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
         return F.normalize(clip.get_text_features(**inputs).pooler_output, dim=-1)
+
+
+def fit_labels(model, pixels, labels, steps: int, lr: float = 0.05) -> list[float]:
+    """Adam steps on the model's multi-label loss (`model(pixels, labels=...)`); the loss before each step."""
+    optimizer = torch.optim.Adam(model.learnable_parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(pixels, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -20,10 +20,14 @@ def example(name: str) -> str:
     return os.path.join(ROOT, "examples", name)
 
 
-def launch_command(script: str, processes: int = 1) -> list[str]:
-    """The command that runs `script` on the CPU as `processes` real processes."""
+def launch_command(script: str, processes: int = 1, launcher: str = "accelerate") -> list[str]:
+    """The command that runs `script` on the CPU as `processes` real processes, started by `accelerate launch` or
+    by `torchrun --standalone` (a free port: two-process jobs of other tests may run at the same time)."""
     if processes == 1:
         return [sys.executable, script, "--cpu"]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                script, "--cpu"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
             script, "--cpu"]
@@ -36,9 +40,10 @@ def world_size(log: str) -> int:
     return int(found[0])
 
 
-def run_script(script: str, args: list[str], processes: int = 1, wait: bool = True, env: dict | None = None):
+def run_script(script: str, args: list[str], processes: int = 1, wait: bool = True, env: dict | None = None,
+               launcher: str = "accelerate"):
     """Run and check rc 0 and the world size; `wait=False` returns the Popen (stderr piped)."""
-    command = [*launch_command(script, processes), *args]
+    command = [*launch_command(script, processes, launcher), *args]
     environment = dict(ENV, **(env or {}))
     if not wait:
         return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -56,3 +61,12 @@ def kill_when(process: subprocess.Popen, path, timeout: float = 300) -> None:
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert os.path.exists(path), process.stderr.read().decode()[-2000:] if process.stderr else f"{path} never appeared"
+
+
+def kill_and_resume(run, args: list[str], folder, checkpoint: str = "checkpoint_4"):
+    """Start `run(args)` into `folder`, SIGKILL it once `checkpoint` exists, check it had not finished, then resume
+    it from the latest checkpoint; returns the resumed run's result."""
+    process = run([*args, "--output_dir", str(folder)], wait=False)
+    kill_when(process, os.path.join(folder, checkpoint))
+    assert not os.path.exists(os.path.join(folder, "model.safetensors")), "the run finished before it could be killed"
+    return run([*args, "--output_dir", str(folder), "--resume_from_checkpoint", "latest"])

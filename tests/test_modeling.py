@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fit_labels
 
 from pole_hf import PoleConfig, PoleModelOutput, PolePromptModel
 
@@ -103,14 +104,7 @@ def test_forward_outputs_and_loss_decreases(tiny_model):
     assert isinstance(output, PoleModelOutput)
     assert output.logits.shape == (4, 3) and output.background_logits.shape == (4, 3)
     assert output.image_embeds.shape == (4, tiny_model.clip.config.projection_dim)
-    optimizer = torch.optim.Adam(tiny_model.learnable_parameters(), lr=0.05)
-    losses = []
-    for _ in range(15):
-        optimizer.zero_grad()
-        loss = tiny_model(pixels, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_labels(tiny_model, pixels, labels, steps=15)
     assert losses[-1] < losses[0] - 0.05
     assert isinstance(tiny_model(pixels, return_dict=False), tuple)
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import torch
-from launch import kill_when
+from launch import kill_and_resume, run_script
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,14 +18,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
 def run(args, processes=1, wait=True):
-    # --standalone: torchrun picks a free port (two-process jobs of other tests may run at the same time)
-    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-               if processes > 1 else [sys.executable]) + [SCRIPT, *TINY, *args]
-    if not wait:
-        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_script(SCRIPT, [*TINY, *args], processes, wait, env=ENV, launcher="torchrun")
 
 
 def weights(folder):
@@ -122,10 +115,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
             "--learning_rate", "0.01"]
     run([*args, "--output_dir", str(tmp_path / "straight")])
     killed = tmp_path / "killed"
-    process = run([*args, "--output_dir", str(killed)], wait=False)
-    kill_when(process, killed / "checkpoint_4")
-    assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
-    resumed = run([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    resumed = kill_and_resume(run, args, killed)
     assert "resumed from" in resumed.stderr
     assert len([d for d in os.listdir(killed) if d.startswith("checkpoint_")]) == 2  # older ones pruned
     straight, again = weights(tmp_path / "straight"), weights(killed)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from launch import kill_when, run_script
+from launch import kill_and_resume, run_script
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,10 +73,7 @@ def test_killed_run_resumes_to_the_same_tokens(world_base, tmp_path):
     args = [*COMMON, "--base", world_base, "--max_train_steps", "24", "--checkpointing_steps", "2"]
     run([*args, "--output_dir", str(tmp_path / "straight")])
     killed = tmp_path / "killed"
-    process = run([*args, "--output_dir", str(killed)], wait=False)
-    kill_when(process, killed / "checkpoint_4")
-    assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
-    resumed = run([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    resumed = kill_and_resume(run, args, killed)
     assert re.search(r"resumed from checkpoint_(\d+) at step \1\b", resumed.stderr)
     assert "done: 24 steps, final loss" in resumed.stderr
     torch.testing.assert_close(tokens(killed), tokens(tmp_path / "straight"), atol=1e-6, rtol=0)
