@@ -1,0 +1,169 @@
+"""Behaviours a mutation run found unpinned (issue #17, second part): hand computations, round trips and boundary
+sizes for the CAA, the CRF defaults, word selection with precomputed CAMs and prompt loading."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from pole_hf import PolePromptModel
+from pole_hf.caa import affinity_from_attention, box_mask, minmax, refine_with_transition, transition_from_attention
+from pole_hf.cam import CamEngine
+from pole_hf.selection import select_class_words
+
+
+# --- CAA (pole_hf.caa) ---
+
+def test_minmax_normalises_each_map_by_its_own_minimum():
+    maps = torch.tensor([[[1.0, 2.0, 3.0]], [[5.0, 7.0, 9.0]]])
+    expected = torch.tensor([[[0.0, 1 / (2 + 1e-7), 2 / (2 + 1e-7)]], [[0.0, 2 / (4 + 1e-7), 4 / (4 + 1e-7)]]])
+    torch.testing.assert_close(minmax(maps), expected)
+
+
+def test_default_box_threshold_is_clip_es_0_4():
+    grid = np.zeros((6, 6), dtype=np.float32)
+    grid[0, 0] = 1.0  # uint8 255
+    grid[3, 3] = 0.5  # uint8 127 > int(0.4 * 255) = 102: a box of its own (it would not be at 0.7: 127 <= 178)
+    assert box_mask(grid).sum() == 2 and box_mask(grid)[3, 3]
+    cams = torch.from_numpy(grid)[None]
+    # the identity transition leaves the map inside its boxes untouched: both peaks survive the refinement
+    refined = refine_with_transition(cams, torch.eye(36, dtype=torch.float64))
+    assert refined[0, 0, 0] == pytest.approx(1.0) and refined[0, 3, 3] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_sinkhorn_one_round_by_hand():
+    attention = torch.tensor([[2.0, 1.0], [1.0, 1.0]])
+    # columns: [[2/3, 1/2], [1/3, 1/2]]; then rows: [[4/7, 3/7], [2/5, 3/5]]; then (T + T^t) / 2
+    expected = torch.tensor([[4 / 7, 29 / 70], [29 / 70, 3 / 5]], dtype=torch.float64)
+    torch.testing.assert_close(transition_from_attention(attention, rounds=1), expected)
+
+
+def test_sinkhorn_converges_to_a_doubly_stochastic_matrix():
+    attention = (torch.randn(7, 7, generator=torch.Generator().manual_seed(0)) * 2).softmax(-1)
+    transition = transition_from_attention(attention, rounds=60)
+    ones = torch.ones(7, dtype=torch.float64)
+    torch.testing.assert_close(transition.sum(0), ones, atol=1e-9, rtol=0)
+    torch.testing.assert_close(transition.sum(1), ones, atol=1e-9, rtol=0)
+
+
+def test_affinity_is_two_random_walk_steps():
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # already doubly stochastic and symmetric: the transition itself
+    torch.testing.assert_close(transition_from_attention(swap), swap.double())
+    torch.testing.assert_close(affinity_from_attention(swap), torch.eye(2))  # two steps lead back home
+
+
+def test_patch_grid_is_rounded_up(tiny_model, tiny_clip_dir):
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (33, 41, 3), dtype=np.uint8))
+    output = CamEngine(tiny_model)(image, processor, [0])  # 33 / 8 = 4.1 and 41 / 8 = 5.1: ceil 5 x 6, round 4 x 5
+    assert tuple(output.grid_cams.shape) == (1, 5, 6) and tuple(output.cams.shape) == (1, 33, 41)
+
+
+# --- CRF defaults (pole_hf.masks) ---
+
+CLIP_ES_CRF = {"iterations": 10, "pos_xy": 1, "pos_w": 3, "bi_xy": 67, "bi_rgb": 3, "bi_w": 4}  # eval_cam_with_crf.py
+OTHER_CRF = {"iterations": 2, "pos_xy": 6, "pos_w": 10, "bi_xy": 5, "bi_rgb": 30, "bi_w": 20}
+
+
+def test_crf_defaults_are_clip_es_voc_settings():
+    pytest.importorskip("pydensecrf.densecrf", reason="optional extra pole_hf[crf] (pydensecrf2) not installed")
+    from pole_hf.masks import crf_refine
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((20, 24, 3), np.uint8)
+    image[:, 12:] = (200, 40, 40)
+    image = np.clip(image.astype(int) + rng.integers(-6, 7, image.shape), 0, 255).astype(np.uint8)
+    fg = np.clip(np.linspace(0.1, 0.9, 24)[None].repeat(20, 0) + rng.normal(0, 0.2, (20, 24)), 0.01, 0.99)
+    probs = np.stack([1 - fg, fg]).astype(np.float32)
+    default = crf_refine(image, probs)
+    np.testing.assert_array_equal(default, crf_refine(image, probs, image_mode="clip_es", half_precision=True,
+                                                      **CLIP_ES_CRF))
+    for name, value in OTHER_CRF.items():  # each setting changes the result on this image: each default is pinned
+        assert not np.allclose(crf_refine(image, probs, **{**CLIP_ES_CRF, name: value}), default, atol=1e-4), name
+
+
+# --- word selection with precomputed CAMs (pole_hf.selection) ---
+
+def test_precomputed_cams_follow_the_labels_when_a_single_candidate_label_comes_first(tiny_model):
+    candidates = {"cat": ["cat"], "dog": ["dog", "puppy", "hound"]}  # cat: one candidate, never scored
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    dog_map = np.zeros((8, 8), np.float32)
+    dog_map[:4] = 1.0
+    cat_map = np.zeros((8, 8), np.float32)
+    cat_map[4:, 4:] = 1.0
+    both = select_class_words(tiny_model, [(image, ["cat", "dog"])], candidates=candidates,
+                              cams=[np.stack([cat_map, dog_map])], progress=False)
+    alone = select_class_words(tiny_model, [(image, ["dog"])], candidates=candidates, cams=[dog_map[None]],
+                               progress=False)
+    wrong = select_class_words(tiny_model, [(image, ["dog"])], candidates=candidates, cams=[cat_map[None]],
+                               progress=False)
+    dog = [c for c in both.choices if c.class_name == "dog"][0]
+    assert dog.probabilities == pytest.approx(alone.choices[0].probabilities, abs=1e-6)
+    assert dog.probabilities != pytest.approx(wrong.choices[0].probabilities, abs=1e-6)  # the maps matter here
+
+
+# --- prompt loading (pole_hf.loading) ---
+
+@pytest.fixture()
+def saved_full(tiny_clip_dir, tmp_path):
+    """Prompts with learned context and adapters, every learned tensor moved off its initialisation."""
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=["cat", "dog", "sofa"], learn_context=True,
+                                      use_adapters=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.learnable_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(tmp_path / "prompts")
+    return model, tmp_path / "prompts"
+
+
+def test_context_and_adapters_round_trip(saved_full):
+    model, path = saved_full
+    loaded = PolePromptModel.from_pretrained(path)
+    want, got = model.state_dict(), loaded.state_dict()
+    learned = [name for name, _ in model.named_parameters() if not name.startswith("clip.")]
+    assert any("context" in n for n in learned) and any("visual_adapter" in n for n in learned)
+    assert any("text_adapter" in n for n in learned)
+    for name in learned:
+        assert torch.equal(got[name], want[name]), name
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, atol=0, rtol=0)
+
+
+def _tamper(path, name, tensor):
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    tensors[name] = tensor
+    save_file(tensors, file)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 16), (3, 1, 48)])
+def test_class_tokens_of_another_width_are_refused(saved_full, shape):
+    _, path = saved_full
+    _tamper(path, "prompt_learner.class_tokens", torch.zeros(shape))
+    with pytest.raises(ValueError, match=rf"class_tokens has shape \({shape[0]}, 1, {shape[2]}\)"):
+        PolePromptModel.from_pretrained(path)
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_context_of_another_shape_is_refused(saved_full, rows):
+    model, path = saved_full
+    context = model.prompt_learner.context
+    shape = (context.shape[0] + rows, context.shape[1] + (1 - rows) * 16)  # one row more, or wider
+    _tamper(path, "prompt_learner.context", torch.zeros(shape))
+    with pytest.raises(ValueError, match=r"context has shape"):
+        PolePromptModel.from_pretrained(path)
+
+
+@pytest.mark.parametrize("name", ["suffix_ids", "background_ids", "prefix_ids"])
+def test_every_id_buffer_is_checked_against_the_vocabulary(saved_full, name):
+    model, path = saved_full
+    ids = getattr(model.prompt_learner, name).clone()
+    ids.view(-1)[-1] = model.clip.config.text_config.vocab_size  # one past the last token id
+    _tamper(path, f"prompt_learner.{name}", ids)
+    with pytest.raises(ValueError, match=f"{name} has token ids outside the base vocabulary"):
+        PolePromptModel.from_pretrained(path)
