@@ -8,7 +8,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pole_hf import PolePromptModel
-from pole_hf.caa import affinity_from_attention, box_mask, minmax, refine_with_transition, transition_from_attention
+from pole_hf.caa import (affinity_from_attention, box_mask, label_regions, minmax, refine_with_affinity,
+                         refine_with_transition, transition_from_attention)
 from pole_hf.cam import CamEngine
 from pole_hf.selection import select_class_words
 
@@ -52,6 +53,59 @@ def test_affinity_is_two_random_walk_steps():
     torch.testing.assert_close(transition_from_attention(swap), swap.double())
     torch.testing.assert_close(affinity_from_attention(swap), torch.eye(2))  # two steps lead back home
 
+
+
+def test_affinity_passes_its_rounds_on():
+    attention = torch.tensor([[2.0, 1.0], [1.0, 1.0]])
+    one_round = torch.tensor([[4 / 7, 29 / 70], [29 / 70, 3 / 5]], dtype=torch.float64)  # as in the test above
+    torch.testing.assert_close(affinity_from_attention(attention, rounds=1), (one_round @ one_round).float())
+
+
+def test_transition_leaves_a_float64_attention_untouched():
+    attention = torch.tensor([[2.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    transition_from_attention(attention)
+    assert attention.tolist() == [[2.0, 1.0], [1.0, 1.0]]
+
+
+def test_box_mask_reads_maps_as_float32_uint8_clipped_to_0_1():
+    grid = np.zeros((4, 4))
+    grid[0, 0] = 1.0
+    grid[2, 2] = 103 / 255 - 1e-12  # float32: uint8 103 > int(0.4 * 255) = 102, a box; float64 would give 102
+    mask = box_mask(grid)
+    assert mask.dtype == bool and mask[2, 2] and mask.sum() == 2
+    np.testing.assert_array_equal(mask, box_mask(grid.astype(np.float32)))
+    assert box_mask(np.zeros((3, 3), np.float32)).sum() == 0  # nothing above zero: no box
+    out_of_range = np.zeros((4, 5), np.float32)
+    out_of_range[0, 0], out_of_range[0, 2], out_of_range[2, 2] = 1.004, -0.5, 0.45  # uint8 255, 0 and 114
+    np.testing.assert_array_equal(box_mask(out_of_range), box_mask(np.clip(out_of_range, 0, 1)))
+    assert box_mask(out_of_range).sum() == 2  # 1.004 reads as 255 (not wrapped to 0), -0.5 as 0 (not 129)
+
+
+def test_label_regions_by_hand():
+    mask = np.array([[1, 0, 0, 1],
+                     [0, 1, 0, 1],
+                     [0, 0, 0, 0]], bool)
+    expected = np.array([[0, -1, -1, 3],  # each region labelled with its smallest flat index, background -1
+                         [-1, 0, -1, 3],
+                         [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(label_regions(mask), expected)
+
+
+def test_refinement_box_edges_reach_the_boxes():
+    cams = torch.zeros(1, 3, 3)
+    cams[0, 2, 2] = 1.0  # only in the last row and column: outside CLIP-ES's boxes, inside the full box
+    eye = torch.eye(9, dtype=torch.float64)
+    assert refine_with_transition(cams, eye).sum() == 0
+    assert refine_with_transition(cams, eye, box_edges="full")[0, 2, 2] == pytest.approx(1.0)
+    assert refine_with_affinity(cams, eye.float(), box_edges="full")[0, 2, 2] == pytest.approx(1.0)
+
+
+def test_refine_with_a_float64_affinity():
+    torch.manual_seed(0)
+    cams = minmax(torch.rand(2, 4, 5) ** 3)
+    affinity = affinity_from_attention((torch.randn(20, 20) * 3).softmax(-1))
+    torch.testing.assert_close(refine_with_affinity(cams, affinity.double()), refine_with_affinity(cams, affinity),
+                               atol=1e-5, rtol=0)
 
 def test_patch_grid_is_rounded_up(tiny_model, tiny_clip_dir):
     from transformers import AutoImageProcessor
