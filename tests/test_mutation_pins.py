@@ -221,3 +221,71 @@ def test_every_id_buffer_is_checked_against_the_vocabulary(saved_full, name):
     _tamper(path, f"prompt_learner.{name}", ids)
     with pytest.raises(ValueError, match=f"{name} has token ids outside the base vocabulary"):
         PolePromptModel.from_pretrained(path)
+
+
+# --- the best sweep setting (pole_hf.evaluation) ---
+
+def _sweep(mode, values, cam, target):
+    from pole_hf.evaluation import ThresholdSweep
+
+    return ThresholdSweep(2, values, mode=mode).update(np.array([[cam]], np.float32), [1], np.array([target]))
+
+
+def test_best_of_picks_the_sweep_with_the_higher_miou_and_names_its_setting():
+    from pole_hf.evaluation import _best_of
+
+    cam, target = [0.1, 0.45, 0.7, 0.9], [0, 1, 1, 1]
+    # power 1: background 1 - 0.45 = 0.55 beats 0.45 at pixel 1: IoU 1/2 and 2/3; threshold 0.4: every pixel right
+    result = _best_of([_sweep("power", (1.0,), cam, target), _sweep("threshold", (0.4, 0.6), cam, target)],
+                      ["background", "cat"])
+    assert (result["miou"], result["bg_threshold"]) == (1.0, 0.4) and "bg_power" not in result
+    assert result["per_class_iou"] == {"background": 1.0, "cat": 1.0}
+    assert set(result["curve"]) == {"power", "threshold"} and "cat" in result["table"]
+    assert result["curve"]["power"] == [(1.0, pytest.approx((1 / 2 + 2 / 3) / 2))]
+    cam, target = [0.1, 0.3, 0.7, 0.9], [0, 0, 1, 1]
+    result = _best_of([_sweep("threshold", (0.95,), cam, target), _sweep("power", (1.0,), cam, target)],
+                      ["background", "cat"])
+    assert (result["miou"], result["bg_power"]) == (1.0, 1.0) and "bg_threshold" not in result
+
+
+def test_sweep_best_skips_settings_without_pixels():
+    from pole_hf.evaluation import ThresholdSweep
+
+    sweep = ThresholdSweep(2, (0.2, 0.5))
+    sweep.matrices[1].update(np.array([0, 1]), np.array([0, 1]))  # the first setting saw nothing: mIoU NaN
+    assert sweep.best() == (0.5, 1.0)
+
+
+def test_precision_of_a_class_predicted_once():
+    from pole_hf.evaluation import ConfusionMatrix
+
+    matrix = ConfusionMatrix(2).update(np.array([0, 0, 1]), np.array([0, 1, 1]))
+    np.testing.assert_allclose(matrix.precision(), [1 / 2, 1.0])  # class 1: predicted once, right once
+
+
+# --- the CRF's image and the masked images for selection ---
+
+def test_crf_rgb_image_is_a_fresh_c_contiguous_uint8_copy():
+    from pole_hf.masks import crf_image
+
+    image = np.random.default_rng(0).integers(0, 255, (4, 6, 3), dtype=np.uint8)
+    out = crf_image(image, "rgb")
+    assert not np.shares_memory(out, image) and out.flags.writeable
+    turned = crf_image(image.transpose(1, 0, 2), "rgb")
+    assert turned.flags.c_contiguous and np.array_equal(turned, image.transpose(1, 0, 2))
+    wide = crf_image(image.astype(np.int64), "rgb")
+    assert wide.dtype == np.uint8 and np.array_equal(wide, image)
+
+
+def test_masked_pixel_values_clip_maps_to_0_1_and_stay_float32():
+    from pole_hf.selection import masked_pixel_values
+
+    image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    maps = np.zeros((2, 8, 8))  # float64
+    maps[0], maps[1, :4] = 2.0, -1.0
+    out = masked_pixel_values(image, maps, (8, 8), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[0], torch.full((3, 8, 8), 200 / 255))  # 2.0 counts as 1
+    assert out[1].abs().max() == 0  # -1 counts as 0 (no negative image)
+    as_mask = masked_pixel_values(image, (maps > 1).astype(np.uint8), (8, 8), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    torch.testing.assert_close(as_mask, out)  # a 0/1 uint8 mask works as a map
