@@ -78,6 +78,13 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_5": "as mutmut_4",
     "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_6": "as mutmut_4",
     "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_7": "as mutmut_4",
+    "pole_hf.masks.x_crf_image__mutmut_16": "np.array copies by default: copy=True removed changes nothing",
+    "pole_hf.masks.x_crf_image__mutmut_18": "numpy reads order='c' as 'C'",
+    "pole_hf.selection.x_masked_pixel_values__mutmut_32": "align_corners=None is bilinear's default, False",
+    "pole_hf.selection.x_masked_pixel_values__mutmut_36": "as mutmut_32 (argument removed)",
+    "pole_hf.selection.x_masked_pixel_values__mutmut_47": "a [3, 1, 1] mean broadcasts against [k, 3, h, w] as "
+                                                          "[1, 3, 1, 1] does",
+    "pole_hf.selection.x_masked_pixel_values__mutmut_64": "as mutmut_47, for std",
     "pole_hf.masks.x_crf_image__mutmut_21": "float64 instead of float32 for uint8 minus the Caffe mean: the results "
                                             "lie >= 0.008 from an integer, far beyond float32 error: trunc agrees",
     "pole_hf.masks.x_crf_image__mutmut_32": "np.mod of the float trunc is an integer in [0, 256): the uint8 cast "

@@ -289,3 +289,45 @@ def test_masked_pixel_values_clip_maps_to_0_1_and_stay_float32():
     assert out[1].abs().max() == 0  # -1 counts as 0 (no negative image)
     as_mask = masked_pixel_values(image, (maps > 1).astype(np.uint8), (8, 8), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     torch.testing.assert_close(as_mask, out)  # a 0/1 uint8 mask works as a map
+
+
+def test_masked_pixel_values_resize_maps_with_half_pixel_centres():
+    from pole_hf.selection import masked_pixel_values
+
+    image = Image.fromarray(np.full((4, 4, 3), 255, np.uint8))
+    maps = np.array([[[0.0, 1.0], [0.0, 1.0]]], np.float32)
+    mean, std = np.zeros(3), np.ones(3)  # float64 arrays: the result is still float32
+    out = masked_pixel_values(image, maps, (4, 4), mean, std)
+    assert out.dtype == torch.float32
+    # bilinear, align_corners=False: source x = (x + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25 (clamped to 0 and 1)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+
+
+def test_selection_summary_counts_missing_words_as_zero():
+    from pole_hf.selection import SelectionResult, WordChoice
+
+    result = SelectionResult(candidates={"cat": ["cat", "kitty"], "dog": ["dog", "puppy"]}, template="{}.")
+    result.choices = [WordChoice(0, None, "cat", "cat", {"cat": 0.8, "kitty": 0.2}),
+                      WordChoice(1, None, "cat", "cat", {"cat": 0.6})]  # no probability for "kitty"
+    summary = result.summary()
+    assert summary["cat"].mean_probability == pytest.approx({"cat": 0.7, "kitty": 0.1})
+    assert summary["dog"].mean_probability == {"dog": 0.0, "puppy": 0.0} and summary["dog"].winner is None
+
+
+def test_voc_labels_from_a_grey_mask_keep_the_first_and_last_class(tmp_path):
+    from pole_hf.data.voc import _labels_from_mask
+
+    values = np.array([[0, 1, 20, 21, 255]], np.uint8)  # background, first class, last class, beyond, ignore
+    for mode in ("L", "RGB"):
+        path = tmp_path / f"mask-{mode}.png"
+        Image.fromarray(values).convert(mode).save(path)
+        assert _labels_from_mask(str(path), 20) == [0, 19], mode
+
+
+def test_pair_maps_without_pairs():
+    from pole_hf.cam_network_objective import pair_maps
+
+    maps, images, classes = pair_maps(torch.rand(2, 3, 4, 4), [[], []])
+    assert maps.shape == (0, 4, 4) and images.dtype == classes.dtype == torch.long
+    maps, images, classes = pair_maps(torch.arange(2 * 3 * 1.0).view(2, 3, 1, 1), [[2], [0, 1]])
+    assert maps.flatten().tolist() == [2.0, 3.0, 4.0] and images.tolist() == [0, 1, 1]
