@@ -8,11 +8,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from pole_hf import PolePromptModel
-from pole_hf.caa import (affinity_from_attention, box_mask, label_regions, minmax, refine_with_affinity,
-                         refine_with_transition, transition_from_attention)
+from pole_hf.caa import (
+    affinity_from_attention,
+    box_mask,
+    label_regions,
+    minmax,
+    refine_with_affinity,
+    refine_with_transition,
+    transition_from_attention,
+)
 from pole_hf.cam import CamEngine
 from pole_hf.selection import select_class_words
-
 
 # --- CAA (pole_hf.caa) ---
 
@@ -154,7 +160,7 @@ def test_precomputed_cams_follow_the_labels_when_a_single_candidate_label_comes_
                                progress=False)
     wrong = select_class_words(tiny_model, [(image, ["dog"])], candidates=candidates, cams=[cat_map[None]],
                                progress=False)
-    dog = [c for c in both.choices if c.class_name == "dog"][0]
+    dog = next(c for c in both.choices if c.class_name == "dog")
     assert dog.probabilities == pytest.approx(alone.choices[0].probabilities, abs=1e-6)
     assert dog.probabilities != pytest.approx(wrong.choices[0].probabilities, abs=1e-6)  # the maps matter here
 
