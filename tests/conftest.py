@@ -19,9 +19,18 @@ TINY_BACKGROUND = ["grass", "sky", "water"]
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
-    """A random tiny CLIP (2 layers, width 32, patch 8) with a real CLIP tokenizer, saved as an HF folder."""
+    """A random tiny CLIP (2 layers, width 32, patch 8) with a real CLIP tokenizer, saved as an HF folder.
+
+    With ``POLE_HF_TINY_CLIP_CACHE`` set (benchmarks/mutation.py: thousands of short pytest sessions) the folder is
+    built there once and reused; tests never write into it."""
     from pole_hf.tiny import build_tiny_clip
 
+    cache = os.environ.get("POLE_HF_TINY_CLIP_CACHE")
+    if cache:
+        if not os.path.isfile(os.path.join(cache, "done")):
+            build_tiny_clip(cache, seed=0)
+            open(os.path.join(cache, "done"), "w").close()
+        return cache
     path = tmp_path_factory.mktemp("tiny-clip")
     build_tiny_clip(str(path), seed=0)
     return str(path)

@@ -1,0 +1,175 @@
+"""Mutation testing of the core modules with mutmut (configured in pyproject.toml's ``[tool.mutmut]``); not in CI.
+
+    nice -n 10 python benchmarks/mutation.py                 # every core module, one worker
+    nice -n 10 python benchmarks/mutation.py --focus         # only each module's FOCUS functions
+    python benchmarks/mutation.py caa loading                # some modules
+    python benchmarks/mutation.py --report --focus           # the table of the last run, no mutants run
+
+mutmut copies ``src/`` to ``mutants/``, records in one pass over the selected test files which tests call which
+function, then runs each mutant against only those tests. Named mutants are always rerun: ``--resume`` names only
+those the last run left without a verdict. This script runs one ``mutmut run`` over the modules' name globs and
+prints a Markdown table: mutants, not run yet, killed, equivalent (listed below with the reason, not counted),
+surviving, score = killed / (killed + surviving). mutmut numbers mutants per function: after editing a module,
+recheck the equivalent list with ``mutmut show NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ["caa", "objective", "masks", "evaluation", "prompt_learner", "selection", "loading", "data/voc", "data/spec",
+        "cam_network_objective"]
+# mutmut exit codes counted as killed: test failure, pytest internal error, caught by the type check, and the
+# timeouts (a mutant that hangs, e.g. a labelling loop that never converges, is detected by the suite)
+KILLED = {1, 3, 37, 36, 24, -24, 152, 255}
+
+# --focus: the functions that carry each module's behaviour (for a run that fits an hour on a busy 2-core machine);
+# left out: I/O, argument plumbing, __init__ bookkeeping, tables and repr
+FOCUS = {
+    "caa": ["*"],
+    "objective": ["x_cbs_loss", "x_btm_loss", "x_otm_loss", "x_masked_images", "x__flatten_classes"],
+    "masks": ["x_background_score", "x_class_scores", "x_scores_to_mask", "x_cams_to_mask", "x_crf_image"],
+    "evaluation": ["xǁConfusionMatrixǁupdate", "xǁConfusionMatrixǁiou", "xǁConfusionMatrixǁprecision",
+                   "xǁConfusionMatrixǁclass_accuracy", "xǁConfusionMatrixǁmiou",
+                   "xǁConfusionMatrixǁpixel_accuracy", "xǁThresholdSweepǁbest", "x__best_of"],
+    "prompt_learner": ["xǁPolePromptLearnerǁclass_prompt_embeddings", "x_pad_id_rows", "xǁPoleAdapterǁforward",
+                       "xǁPolePromptLearnerǁset_class_tail", "x_init_class_vectors"],
+    "selection": ["x_masked_pixel_values", "x_resolve_candidates", "xǁSelectionResultǁsummary"],
+    "loading": ["x_load_prompt_tensors", "x__check_id_tensors", "x_check_base_matches", "x_prompt_state_dict"],
+    "data/voc": ["x__labels_from_mask", "x__split_file", "x__read_labels", "x__read_ids"],
+    "data/spec": ["x__read_mask", "x_example_ids", "x_class_names_of"],
+    "cam_network_objective": ["x_pair_maps", "x_variant_options", "x_freeze_for_variant"],
+}
+
+# mutants no behaviour can tell apart from the original (name -> reason); excluded from the score
+_PROMOTION = "bool * float (or float32 * float64) promotes to the same dtype the cast gave"
+_SENTINEL = "a min/max start value beyond every coordinate: the result is the same"
+EQUIVALENT: dict[str, str] = {
+    "pole_hf.caa.x_label_regions__mutmut_3": "dtype=bool dropped: every read of the mask is np.where(mask, ...), "
+                                             "which takes the same truth values",
+    "pole_hf.caa.x_label_regions__mutmut_5": "as mutmut_3 (dtype argument removed)",
+    "pole_hf.caa.x_label_regions__mutmut_20": "the initial background label is never read (np.where(mask, labels, "
+                                              "big) hides it) and the first pass writes -1 (one more pass only)",
+    "pole_hf.caa.x_label_regions__mutmut_21": "as mutmut_20 (-2 instead of +1)",
+    "pole_hf.caa.x_label_regions__mutmut_60": "label 0 belongs to pixel 0 only, whose own label is 0: not following "
+                                              "it changes nothing",
+    "pole_hf.caa.x_label_regions__mutmut_61": "as mutmut_60 (>= 1 is > 0 on integers)",
+    "pole_hf.caa.x_region_boxes__mutmut_16": "float boxes: every value is an integer converted by int()",
+    "pole_hf.caa.x_region_boxes__mutmut_18": "as mutmut_16 (dtype argument removed)",
+    "pole_hf.caa.x_region_boxes__mutmut_24": _SENTINEL,
+    "pole_hf.caa.x_region_boxes__mutmut_26": _SENTINEL,
+    "pole_hf.caa.x_region_boxes__mutmut_30": _SENTINEL,
+    "pole_hf.caa.x_refine_with_affinity__mutmut_5": _PROMOTION,
+    "pole_hf.caa.x_refine_with_transition__mutmut_5": _PROMOTION,
+    "pole_hf.caa.x_refine_with_transition__mutmut_14": _PROMOTION,
+    "pole_hf.caa.x_transition_from_attention__mutmut_12": "a dim-0 sum without keepdim broadcasts as a row: the "
+                                                          "same column division",
+    "pole_hf.caa.x_transition_from_attention__mutmut_14": "as mutmut_12 (keepdim=False)",
+    "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_4": "np.errstate is dead code: np.maximum(totals, 1) "
+                                                                "never divides by zero",
+    "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_5": "as mutmut_4",
+    "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_6": "as mutmut_4",
+    "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_7": "as mutmut_4",
+    "pole_hf.masks.x_crf_image__mutmut_16": "np.array copies by default: copy=True removed changes nothing",
+    "pole_hf.masks.x_crf_image__mutmut_18": "numpy reads order='c' as 'C'",
+    "pole_hf.selection.x_masked_pixel_values__mutmut_32": "align_corners=None is bilinear's default, False",
+    "pole_hf.selection.x_masked_pixel_values__mutmut_36": "as mutmut_32 (argument removed)",
+    "pole_hf.selection.x_masked_pixel_values__mutmut_47": "a [3, 1, 1] mean broadcasts against [k, 3, h, w] as "
+                                                          "[1, 3, 1, 1] does",
+    "pole_hf.selection.x_masked_pixel_values__mutmut_64": "as mutmut_47, for std",
+    "pole_hf.data.voc.x__labels_from_mask__mutmut_8": "an 'L' mask then goes through convert('L'), a copy",
+    "pole_hf.data.voc.x__labels_from_mask__mutmut_9": "as mutmut_8 ('l' is no mode: 'L' masks are converted)",
+    "pole_hf.masks.x_crf_image__mutmut_21": "float64 instead of float32 for uint8 minus the Caffe mean: the results "
+                                            "lie >= 0.008 from an integer, far beyond float32 error: trunc agrees",
+    "pole_hf.masks.x_crf_image__mutmut_32": "np.mod of the float trunc is an integer in [0, 256): the uint8 cast "
+                                            "agrees with the int64 route",
+}
+
+
+def module_prefix(module: str) -> str:
+    return "pole_hf." + module.replace("/", ".") + "."
+
+
+def meta_path(module: str) -> Path:
+    return ROOT / "mutants" / "src" / "pole_hf" / f"{module}.py.meta"
+
+
+def patterns(module: str, focus: bool) -> list[str]:
+    """mutmut's name globs for a module's mutants (all, or its FOCUS functions)."""
+    if not focus or FOCUS[module] == ["*"]:
+        return [module_prefix(module) + "*"]
+    return [f"{module_prefix(module)}{function}__mutmut_*" for function in FOCUS[module]]
+
+
+def module_report(module: str, focus: bool) -> dict:
+    path = meta_path(module)
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run `python benchmarks/mutation.py {module}` first")
+    codes = json.loads(path.read_text())["exit_code_by_key"]
+    codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns(module, focus))}
+    equivalent = sorted(name for name in codes if name in EQUIVALENT)
+    not_run = sorted(name for name, code in codes.items() if code is None and name not in EQUIVALENT)
+    killed = sorted(name for name, code in codes.items() if code in KILLED and name not in EQUIVALENT)
+    surviving = sorted(name for name, code in codes.items()
+                       if code is not None and code not in KILLED and name not in EQUIVALENT)
+    counted = len(killed) + len(surviving)  # score over the mutants run, equivalent ones excluded
+    return {"module": module, "mutants": len(codes), "not_run": len(not_run), "killed": len(killed),
+            "equivalent": equivalent, "surviving": {name: codes[name] for name in surviving},
+            "score": len(killed) / counted if counted else float("nan")}
+
+
+def run_mutmut(names: list[str], max_children: int) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", POLE_HF_TINY_CLIP_CACHE=str(ROOT / "mutants" / "tiny-clip"))
+    env.pop("PYTHONPATH", None)  # mutmut puts mutants/src first and must not see another pole_hf
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, check=False)
+    if result.returncode:
+        raise SystemExit(f"mutmut run exited with {result.returncode}: run `mutmut run {' '.join(names)}` to see why")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", default=CORE, help=f"modules under src/pole_hf (default: {CORE})")
+    parser.add_argument("--max-children", type=int, default=1, help="parallel mutants (default 1)")
+    parser.add_argument("--report", action="store_true", help="only print the table of the last run")
+    parser.add_argument("--focus", action="store_true", help="only the FOCUS functions of each module")
+    parser.add_argument("--resume", action="store_true", help="only the mutants the last run left unchecked")
+    parser.add_argument("--json", help="also write the per-module results to this file")
+    args = parser.parse_args()
+    unknown = [m for m in args.modules if not (ROOT / "src" / "pole_hf" / f"{m}.py").is_file()]
+    if unknown:
+        parser.error(f"no module src/pole_hf/<name>.py for {unknown}; core modules: {CORE}")
+    if not args.report:  # one mutmut run: one stats pass, one clean-test pass
+        names = [p for m in args.modules for p in patterns(m, args.focus)]
+        if args.resume:  # mutmut reruns every mutant it is named: name only those without a verdict
+            names = [n for m in args.modules if meta_path(m).is_file() for n, code in
+                     json.loads(meta_path(m).read_text())["exit_code_by_key"].items()
+                     if code is None and any(fnmatch.fnmatchcase(n, p) for p in patterns(m, args.focus))]
+        seconds = run_mutmut(names, args.max_children) if names else 0.0
+        print(f"mutmut run: {seconds:.0f} s")
+    reports = [module_report(m, args.focus) for m in args.modules]
+    print("| module | mutants | not run | killed | equivalent | surviving | score |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in reports:
+        print(f"| {r['module']} | {r['mutants']} | {r['not_run']} | {r['killed']} | {len(r['equivalent'])} "
+              f"| {len(r['surviving'])} | {100 * r['score']:.1f}% |")
+    for r in reports:
+        for name, code in r["surviving"].items():
+            print(f"surviving ({'no tests' if code == 33 else code}): {name}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports, indent=1))
+
+
+if __name__ == "__main__":
+    main()
