@@ -35,7 +35,7 @@ KILLED = {1, 3, 37, 36, 24, -24, 152, 255}
 # left out: I/O, argument plumbing, __init__ bookkeeping, tables and repr
 FOCUS = {
     "caa": ["*"],
-    "objective": ["x_cbs_loss", "x_btm_loss", "x_otm_loss", "x_masked_images", "x__flatten_classes"],
+    "objective": ["x_cbs_loss", "x_btm_loss", "x_otm_loss", "x_masked_images", "x_check_pairs", "x_pairs_from_lists"],
     "masks": ["x_background_score", "x_class_scores", "x_scores_to_mask", "x_cams_to_mask", "x_crf_image"],
     "evaluation": ["xǁConfusionMatrixǁupdate", "xǁConfusionMatrixǁiou", "xǁConfusionMatrixǁprecision",
                    "xǁConfusionMatrixǁclass_accuracy", "xǁConfusionMatrixǁmiou",

@@ -298,6 +298,20 @@ def test_voc_labels_from_masks_without_annotations(voc_root):
     assert train["labels"] == [sorted([DOG, PERSON]), [PERSON]]
 
 
+def test_voc_rgb_mask_without_annotations_is_refused_by_name(voc_root):
+    import shutil
+
+    from pole_hf.masks import mask_to_image
+
+    shutil.rmtree(voc_root / "Annotations")
+    path = voc_root / "SegmentationClass" / f"{B}.png"
+    with Image.open(path) as mask:
+        coloured = np.asarray(mask_to_image(np.asarray(mask)).convert("RGB"))  # VOC colours: luminance is not an id
+    Image.fromarray(coloured).save(path)
+    with pytest.raises(ValueError, match=rf"{B}.png is a RGB image: masks must be single-channel"):
+        load_voc(voc_root, split="val")
+
+
 def test_dataset_images_keep_their_stored_grid_beside_masks(tmp_path):
     """An EXIF-rotated JPEG beside an unrotated mask: both stay in the stored pixel grid (aligned)."""
     from pole_hf.data.spec import iter_examples

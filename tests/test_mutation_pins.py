@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pole_hf import PolePromptModel
+from pole_hf import PoleImageProcessor, PolePromptModel, image_cams
 from pole_hf.caa import (
     affinity_from_attention,
     box_mask,
@@ -17,7 +17,6 @@ from pole_hf.caa import (
     refine_with_transition,
     transition_from_attention,
 )
-from pole_hf.cam import CamEngine
 from pole_hf.selection import select_class_words
 
 # --- CAA (pole_hf.caa) ---
@@ -113,12 +112,9 @@ def test_refine_with_a_float64_affinity():
     torch.testing.assert_close(refine_with_affinity(cams, affinity.double()), refine_with_affinity(cams, affinity),
                                atol=1e-5, rtol=0)
 
-def test_patch_grid_is_rounded_up(tiny_model, tiny_clip_dir):
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (33, 41, 3), dtype=np.uint8))
-    output = CamEngine(tiny_model)(image, processor, [0])  # 33 / 8 = 4.1 and 41 / 8 = 5.1: ceil 5 x 6, round 4 x 5
+def test_patch_grid_is_rounded_up(tiny_model, tiny_processor, random_image):
+    image = random_image(0, 33, 41)
+    output = image_cams(tiny_model, tiny_processor, image, [0])  # 33 / 8 = 4.1 and 41 / 8 = 5.1: ceil 5 x 6, round 4 x 5
     assert tuple(output.grid_cams.shape) == (1, 5, 6) and tuple(output.cams.shape) == (1, 33, 41)
 
 
@@ -289,11 +285,12 @@ def test_masked_pixel_values_clip_maps_to_0_1_and_stay_float32():
     image = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
     maps = np.zeros((2, 8, 8))  # float64
     maps[0], maps[1, :4] = 2.0, -1.0
-    out = masked_pixel_values(image, maps, (8, 8), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    out = masked_pixel_values(image, maps, (8, 8), PoleImageProcessor(image_mean=(0, 0, 0), image_std=(1, 1, 1)))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out[0], torch.full((3, 8, 8), 200 / 255))  # 2.0 counts as 1
     assert out[1].abs().max() == 0  # -1 counts as 0 (no negative image)
-    as_mask = masked_pixel_values(image, (maps > 1).astype(np.uint8), (8, 8), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    as_mask = masked_pixel_values(image, (maps > 1).astype(np.uint8), (8, 8),
+                                  PoleImageProcessor(image_mean=(0, 0, 0), image_std=(1, 1, 1)))
     torch.testing.assert_close(as_mask, out)  # a 0/1 uint8 mask works as a map
 
 
@@ -303,7 +300,7 @@ def test_masked_pixel_values_resize_maps_with_half_pixel_centres():
     image = Image.fromarray(np.full((4, 4, 3), 255, np.uint8))
     maps = np.array([[[0.0, 1.0], [0.0, 1.0]]], np.float32)
     mean, std = np.zeros(3), np.ones(3)  # float64 arrays: the result is still float32
-    out = masked_pixel_values(image, maps, (4, 4), mean, std)
+    out = masked_pixel_values(image, maps, (4, 4), PoleImageProcessor(image_mean=mean, image_std=std))
     assert out.dtype == torch.float32
     # bilinear, align_corners=False: source x = (x + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25 (clamped to 0 and 1)
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))

@@ -93,7 +93,11 @@ def _read_labels(xml_path: str, class_index: dict[str, int]) -> list[int]:
 def _labels_from_mask(mask_path: str, num_classes: int) -> list[int]:
     """Class indices present in a mask (values 1..num_classes; 0 background and 255 ignore left out)."""
     with Image.open(mask_path) as mask:
-        values = np.unique(np.asarray(mask if mask.mode in ("L", "P") else mask.convert("L")))
+        if mask.mode not in ("L", "P"):  # an RGB mask's luminance is not its class ids (the readers refuse it too)
+            raise ValueError(f"VOC mask {mask_path} is a {mask.mode} image: masks must be single-channel class "
+                             "indices ('P' as the devkit ships them, or 'L'); convert it with "
+                             "pole_hf.masks.image_to_mask")
+        values = np.unique(np.asarray(mask))
     return [int(v) - 1 for v in values if 1 <= v <= num_classes]
 
 
