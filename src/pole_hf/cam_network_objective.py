@@ -6,7 +6,8 @@ CLIP's input); frozen CLIP's pooled image features are scored against the pair's
 the prompt model's learnable parts (context, class tokens, adapters) where a variant learns them; CLIP never.
 
 Variants (the paper's table): ``clims`` official names, nothing learned in the prompts; ``coop`` the template's
-context vectors learned from the official names; ``defo`` the class tokens (and the context) learned; ``pole``
+context vectors learned from the official names; ``defo`` the context and one vector per class (the name's first
+token; its other tokens stay fixed) learned; ``pole``
 each pair's own selected word (per-image selection), fixed; with ``use_adapters`` POLE's learnable-ratio adapters
 on the image and text features.
 
@@ -49,7 +50,10 @@ def variant_options(variant: str, use_adapters: bool = False) -> dict:
     """`PoleConfig` options of a prompt variant (see the module docstring)."""
     if variant not in PROMPT_VARIANTS:
         raise ValueError(f"prompt variant {variant!r} is not one of {list(PROMPT_VARIANTS)}")
-    return {"template": CLIMS_TEMPLATE, "learn_context": variant in ("coop", "defo"), "use_adapters": use_adapters}
+    # DeFo (POLE's clip_defo_utils.PromptLearner): one learned vector per class, the name's first token; the rest of
+    # a multi-token name stays fixed
+    return {"template": CLIMS_TEMPLATE, "learn_context": variant in ("coop", "defo"), "use_adapters": use_adapters,
+            "learnable_tokens": "first" if variant == "defo" else "all"}
 
 
 def freeze_for_variant(prompt_model, variant: str) -> list[torch.nn.Parameter]:
