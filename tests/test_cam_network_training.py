@@ -46,6 +46,8 @@ def test_one_and_two_processes_agree_with_an_uneven_last_batch(tmp_path):
     two = run([*args, "--output_dir", str(tmp_path / "two")], processes=2)
     assert one.stdout.startswith("train_cam_network: 1 process(es), distributed type NO")
     assert two.stdout.startswith("train_cam_network: 2 process(es), distributed type MULTI_CPU")
+    # the reference augmentation, scaled to the 64-px images, runs by default (per-image draws: same in both)
+    assert "augmentation: long side 40-80, flip, crop 64" in two.stdout.splitlines()[0]
     assert_same(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-4)
     context = [load_file(str(tmp_path / n / "prompts" / "model.safetensors"))["prompt_learner.context"]
                for n in ("one", "two")]
