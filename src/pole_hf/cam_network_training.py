@@ -63,8 +63,9 @@ def parse_args(argv=None):
     parser.add_argument("--candidates", default=None, help="JSON {class: [words]} for --stage select (default: "
                                                            "POLE's VOC synonyms, the synthetic world's words)")
     parser.add_argument("--variant", default="clims", choices=PROMPT_VARIANTS,
-                        help="clims: official names; coop: learned context; defo: learned class tokens (+ context); "
-                             "pole: each (image, class) pair's selected word (--selection)")
+                        help="clims: official names; coop: learned context; defo: learned context + one vector per "
+                             "class (the name's first token); pole: each (image, class) pair's selected word "
+                             "(--selection)")
     parser.add_argument("--use_adapters", action="store_true", help="POLE's learnable-ratio adapters")
     parser.add_argument("--selection", default=None, help="selection.json of per-(image, class) words (variant pole)")
     parser.add_argument("--dataset", default="synthetic", help=SPEC_HELP)
