@@ -76,8 +76,14 @@ def test_demo_full_adds_the_segmentation_row(tmp_path, capsys):
 
     small = ["--cpu", "--num_images", "6", "--eval_images", "4", "--seg_config", "tiny", "--seg_steps", "10",
              "--seg_batch_size", "4"]
-    results = run_demo(str(tmp_path), num_images=4, progress=False, selection_images=8, full=True, run_options=small)
-    assert all(0 <= variant["seg_miou"] <= 100 for variant in results.values())
-    assert "| **segmentation val mIoU** |" in capsys.readouterr().out
+    camnet = ["--num_images", "8", "--train_batch_size", "4", "--max_train_steps", "2", "--image_size", "64"]
+    results = run_demo(str(tmp_path), num_images=4, progress=False, selection_images=8, full=True, run_options=small,
+                       camnet_options=camnet)
+    networks = ["CAM network (classification)", "CAM network (CLIMS)", "CAM network (POLE)"]
+    assert list(results)[-3:] == networks  # the paper's route beside the CLIP-ES variants
+    assert all(0 <= results[n]["cam_miou"] <= 100 and "seg_miou" not in results[n] for n in networks)
+    assert all(0 <= variant["seg_miou"] <= 100 for name, variant in results.items() if name not in networks)
+    out = capsys.readouterr().out
+    assert "| **segmentation val mIoU** |" in out and "| CAM network (POLE) |" in out
     for slug in ("official-names", "selected-words", "learned-tokens"):
         assert (tmp_path / "segmentation" / slug / "results.json").is_file()

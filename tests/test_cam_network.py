@@ -174,3 +174,19 @@ def test_a_pairs_word_changes_its_loss_and_only_its_own(prompt_model):
     torch.testing.assert_close(base.loss, official.loss, atol=1e-5, rtol=1e-5)  # the official names as words
     with pytest.raises(ValueError, match="one word per label"):
         objective(prompt_model, maps, pixels, labels, [["cat"], ["dog"]])
+
+
+def test_defo_learns_one_vector_per_class_the_words_first_token(tiny_clip_dir):
+    # POLE's DeFo (clip_defo_utils.PromptLearner): 3 learned context vectors and one learned vector per class from
+    # the name's first token; the name's other tokens stay fixed
+    from pole_hf.cam_network_objective import variant_options
+
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=["dining table", "dog"], background_words=["sky"],
+                                      **variant_options("defo"))
+    learned = freeze_for_variant(model, "defo")
+    first = model.tokenizer("dining table", add_special_tokens=False).input_ids
+    assert len(first) > 1, "the test needs a multi-token name"
+    assert model.prompt_learner.class_tokens.shape[:2] == (2, 1)
+    assert model.prompt_learner.class_tail_ids[0, : len(first) - 1].tolist() == first[1:]
+    assert model.prompt_learner.context.shape[0] == 3
+    assert {id(p) for p in learned} == {id(model.prompt_learner.context), id(model.prompt_learner.class_tokens)}

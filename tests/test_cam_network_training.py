@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from launch import kill_when
+from launch import kill_and_resume, run_script
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,15 +17,7 @@ COMMON = ["--dataset", "synthetic", "--num_images", "9", "--train_batch_size", "
 
 
 def run(args, processes=1, wait=True):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-              "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command = (launch if processes > 1 else [sys.executable]) + [SCRIPT, *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.path.join(ROOT, "src"))
-    if not wait:
-        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_script(SCRIPT, args, processes, wait, env={"PYTHONPATH": os.path.join(ROOT, "src")})
 
 
 def weights(folder):
@@ -46,6 +38,8 @@ def test_one_and_two_processes_agree_with_an_uneven_last_batch(tmp_path):
     two = run([*args, "--output_dir", str(tmp_path / "two")], processes=2)
     assert one.stdout.startswith("train_cam_network: 1 process(es), distributed type NO")
     assert two.stdout.startswith("train_cam_network: 2 process(es), distributed type MULTI_CPU")
+    # the reference augmentation, scaled to the 64-px images, runs by default (per-image draws: same in both)
+    assert "augmentation: long side 40-80, flip, crop 64" in two.stdout.splitlines()[0]
     assert_same(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-4)
     context = [load_file(str(tmp_path / n / "prompts" / "model.safetensors"))["prompt_learner.context"]
                for n in ("one", "two")]
@@ -56,10 +50,7 @@ def test_killed_run_resumes_at_the_same_step_and_data_position(tmp_path):
     args = [*COMMON, "--stage", "classification", "--max_train_steps", "14", "--checkpointing_steps", "2"]
     run([*args, "--output_dir", str(tmp_path / "straight")])
     killed = tmp_path / "killed"
-    process = run([*args, "--output_dir", str(killed)], wait=False)
-    kill_when(process, killed / "checkpoint_4")
-    assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
-    run([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    kill_and_resume(run, args, killed)
     assert_same(weights(killed), weights(tmp_path / "straight"), atol=1e-6)
 
 

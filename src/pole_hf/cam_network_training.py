@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .augmentation import ScaleFlipCrop
 from .cam_network_objective import (
     CLASSIFICATION_SETTINGS,
     CLIMS_BACKGROUND_WORDS,
@@ -62,8 +63,9 @@ def parse_args(argv=None):
     parser.add_argument("--candidates", default=None, help="JSON {class: [words]} for --stage select (default: "
                                                            "POLE's VOC synonyms, the synthetic world's words)")
     parser.add_argument("--variant", default="clims", choices=PROMPT_VARIANTS,
-                        help="clims: official names; coop: learned context; defo: learned class tokens (+ context); "
-                             "pole: each (image, class) pair's selected word (--selection)")
+                        help="clims: official names; coop: learned context; defo: learned context + one vector per "
+                             "class (the name's first token); pole: each (image, class) pair's selected word "
+                             "(--selection)")
     parser.add_argument("--use_adapters", action="store_true", help="POLE's learnable-ratio adapters")
     parser.add_argument("--selection", default=None, help="selection.json of per-(image, class) words (variant pole)")
     parser.add_argument("--dataset", default="synthetic", help=SPEC_HELP)
@@ -92,6 +94,14 @@ def parse_args(argv=None):
     parser.add_argument("--poly_power", type=float, default=None)
     parser.add_argument("--num_train_epochs", type=int, default=None)
     parser.add_argument("--max_train_steps", type=int, default=None)
+    parser.add_argument("--resize_long", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="random longer side of the training images (reference 320 640; synthetic: scaled to "
+                             "--image_size, 80 160 at 128 px)")
+    parser.add_argument("--crop_size", type=int, default=None,
+                        help="random square crop (reference 512; synthetic: --image_size)")
+    parser.add_argument("--no_flip", action="store_true", help="no random horizontal flip")
+    parser.add_argument("--no_augmentation", action="store_true",
+                        help="train on the images resized to --image_size, without rescale, flip or crop")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     synthetic = args.dataset.startswith("synthetic")
@@ -108,6 +118,14 @@ def parse_args(argv=None):
         args.image_size = SYNTHETIC_IMAGE_SIZE if synthetic else 320
     if args.backbone is None:
         args.backbone = "tiny" if synthetic else "microsoft/resnet-50"
+    if not args.no_augmentation and args.stage != "select":
+        reference = ScaleFlipCrop.scaled_for(args.image_size) if synthetic else ScaleFlipCrop()
+        args.resize_long = tuple(args.resize_long or reference.long_side)
+        args.crop_size = args.crop_size or reference.crop_size
+        try:
+            ScaleFlipCrop(long_side=args.resize_long, crop_size=args.crop_size)
+        except ValueError as err:
+            parser.error(f"--resize_long / --crop_size: {err}")
     if args.stage == "clims" and args.variant == "pole" and args.selection is None:
         parser.error("--variant pole needs --selection selection.json (pole-hf select or "
                      "pole_hf.selection.select_class_words with the network's CAMs)")
@@ -207,6 +225,16 @@ def run_selection(args) -> dict:
     return {"selection": result}
 
 
+def training_data(args, train_set, fill) -> PixelDataset:
+    """The training images in [0, 1] (both normalisations come later): augmented (rescale, flip, crop, seeded by
+    the run's seed, the epoch and the image's index) unless `--no_augmentation`."""
+    if args.no_augmentation:
+        return PixelDataset(train_set, (args.image_size, args.image_size))
+    augment = ScaleFlipCrop(long_side=tuple(args.resize_long), flip=not args.no_flip, crop_size=args.crop_size,
+                            fill=tuple(fill), seed=args.seed)
+    return PixelDataset(train_set, (args.crop_size, args.crop_size), augment=augment)
+
+
 def reduce_grads(accelerator, params) -> None:
     """Sum every parameter's gradient over the processes (a missing one counts as zeros on that process)."""
     for param in params:
@@ -220,8 +248,12 @@ def training_function(args) -> dict:
                               project_dir=args.output_dir)
     line = log_run_start(logger, accelerator, "train_cam_network")
     if accelerator.is_main_process:
-        print(line + f", stage {args.stage}" + (f", variant {args.variant}{' + adapters' if args.use_adapters else ''}"
-                                                if args.stage == "clims" else ""), flush=True)
+        variant = f", variant {args.variant}{' + adapters' if args.use_adapters else ''}" if args.stage == "clims" \
+            else ""
+        augmentation = "no augmentation" if args.no_augmentation else (
+            f"augmentation: long side {args.resize_long[0]}-{args.resize_long[1]}, "
+            f"{'no flip' if args.no_flip else 'flip'}, crop {args.crop_size}")
+        print(f"{line}, stage {args.stage}{variant}, {augmentation}", flush=True)
     set_seed(args.seed)
     train_set = load_training_set(args)
     class_names = class_names_of(train_set)
@@ -235,7 +267,7 @@ def training_function(args) -> dict:
                                         image_feature=args.loss_image_feature)
         if args.variant == "pole" and "class_words" not in train_set.column_names:
             raise ValueError("variant pole needs per-pair words: --selection selection.json")
-    data = PixelDataset(train_set, (args.image_size, args.image_size))  # [0, 1]: CLIP's normalisation comes later
+    data = training_data(args, train_set, network.config.image_mean)
     backbone, classifier = network.parameter_groups()
     groups = [{"params": backbone, "lr": args.learning_rate},
               {"params": classifier, "lr": args.learning_rate * args.classifier_lr_factor}]
@@ -280,10 +312,11 @@ def training_function(args) -> dict:
         for epoch in range(start_epoch, epochs):
             parts = epoch_batches(len(data), args.train_batch_size, args.seed, epoch, accelerator.process_index,
                                   accelerator.num_processes)
+            data.set_epoch(epoch)
             for part in parts[skip if epoch == start_epoch else 0:]:
                 if step >= max_steps:
                     break
-                pixels, labels, words = collate([data[i] for i in part], args.image_size)
+                pixels, labels, words = collate([data[i] for i in part], data.size[0])
                 pixels = pixels.to(accelerator.device)
                 logs = train_step(args, accelerator, network, prompt_model, objective, pixels, labels, words,
                                   clip_norm)

@@ -231,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="pole-demo", help="output folder (overlays, chart, table)")
     demo.add_argument("--num_images", type=positive_int, default=100, help="held-out synthetic images to score")
     demo.add_argument("--base", default=None, help="another base CLIP (its classes must fit the synthetic world)")
-    demo.add_argument("--full", action="store_true", help="also train a segmentation model on each variant's "
-                      "pseudo masks (the last column; ~10 minutes per variant on 2 CPU cores)")
+    demo.add_argument("--full", action="store_true", help="also the CAM network route (classification, CLIMS and "
+                      "POLE networks through the CLIP: three more columns, ~5 minutes) and a segmentation model on "
+                      "each prompt variant's pseudo masks (the last row; ~10 minutes per variant on 2 CPU cores)")
 
     cam = command("cam", "CAMs, pseudo masks and overlays for images")
     cam.add_argument("images", nargs="+", help="image files, folders of images, or http(s) URLs")

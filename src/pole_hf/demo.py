@@ -2,7 +2,9 @@
 
 The ground-truth class word is often not the word that gives the best CAM. The demo computes CAMs on a held-out
 synthetic split with (a) the official class names, (b) POLE's selected words and (c) the shipped learned class
-tokens, and prints CAM and pseudo-mask mIoU per class, writes overlays and a bar chart.
+tokens, and prints CAM and pseudo-mask mIoU per class, writes overlays and a bar chart. `--full` adds the paper's
+own route (a CAM network trained through the frozen tiny CLIP: classification stage, CLIMS, POLE's per-pair words)
+and a segmentation model per prompt variant.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ from .masks import cams_to_mask, overlay_mask
 from .modeling_pole import PolePromptModel
 from .selection import select_class_words
 
-VARIANT_COLOURS = {"official names": (150, 150, 150), "selected words": (70, 130, 200), "learned tokens": (220, 120,
-                                                                                                        40)}
+VARIANT_COLOURS = {"official names": (150, 150, 150), "selected words": (70, 130, 200), "learned tokens": (220, 120, 40),
+                   "learned context": (120, 180, 90), "learned class tokens": (200, 80, 120),
+                   "CAM network (classification)": (90, 90, 90), "CAM network (CLIMS)": (60, 160, 160),
+                   "CAM network (POLE)": (150, 90, 200)}
+CAM_NETWORK_OPTIONS = ("--num_images", "320")
+"""`--full`'s CAM-network runs (`pole_hf.cam_network_training` flags; the rest are its synthetic defaults)."""
 
 
 def demo_models(base: str | None = None, selection_images: int = 60, progress: bool = True) -> dict:
@@ -109,10 +115,13 @@ def captioned_strip(tiles: list[Image.Image], captions: list[str], footer: str, 
 
 def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | None = None, seed: int = 7,
              progress: bool = True, selection_images: int = 60, full: bool = False,
-             run_options: Sequence[str] = ()) -> dict:
+             run_options: Sequence[str] = (), extra_models: dict | None = None,
+             camnet_options: Sequence[str] = CAM_NETWORK_OPTIONS) -> dict:
     """Run the demo and write `results.json`, `iou.png` and overlays into `output_dir`; returns the results.
-    With `full=True` each variant's pseudo masks also train a segmentation model (`pole-hf run --prompts`), whose
-    val mIoU is the table's last row (beyond the demo's 5-minute budget: ~10 minutes per variant)."""
+    With `full=True` the CAM-network route adds its columns (a classification-stage network, then CLIMS and POLE
+    second stages from it, `camnet_options` passed to each stage) and each prompt variant's pseudo masks train a
+    segmentation model (`pole-hf run --prompts`, `run_options`), whose val mIoU is the table's last row (beyond the
+    demo's 5-minute budget: ~10 minutes per variant). `extra_models` (`{name: PolePromptModel}`) adds columns."""
 
     start = time.time()
     print("pole-hf demo: runs offline on the tiny CLIP bundled with pole_hf and the synthetic world "
@@ -120,7 +129,7 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
           "patch16', class_names=...) and pipeline('pole-cam', model=...) on your own images.")
     os.makedirs(output_dir, exist_ok=True)
     built = demo_models(base, selection_images=selection_images, progress=progress)
-    models = built["models"]
+    models = {**built["models"], **(extra_models or {})}
     first = next(iter(models.values()))
     size = first.clip.config.vision_config.image_size
     heldout = load_synthetic(num_images=num_images, seed=seed, image_size=size, split="test")
@@ -134,6 +143,9 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
         results[variant] = {"cam_miou": 100 * cam["miou"], "mask_miou": 100 * mask["miou"],
                             "cam_iou": {k: 100 * v for k, v in cam["per_class_iou"].items()},
                             "words": dict(zip(model.config.class_names, model.config.class_words))}
+    if full:
+        options = [*camnet_options, *(["--base", base] if base else [])]
+        results.update(_cam_network_columns(output_dir, num_images, seed, use_crf, options, progress))
     classes = list(results[next(iter(results))]["cam_iou"])
     header = "| class | " + " | ".join(results) + " |"
     lines = [header, "|" + "---|" * (len(results) + 1)]
@@ -147,7 +159,8 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
         seg = _segmentation_column(models, output_dir, run_options)
         for variant, value in seg.items():
             results[variant]["seg_miou"] = value
-        lines.append("| **segmentation val mIoU** | " + " | ".join(f"**{v:.1f}**" for v in seg.values()) + " |")
+        lines.append("| **segmentation val mIoU** | " + " | ".join(
+            f"**{seg[v]:.1f}**" if v in seg else "-" for v in results) + " |")
     table = "\n".join(lines)
     print(table)
     print("selected words:", json.dumps(built["selection"].winners))
@@ -158,6 +171,34 @@ def run_demo(output_dir: str = "pole-demo", num_images: int = 100, base: str | N
                       json.dumps({"results": results, "table": table, "seconds": time.time() - start}, indent=2))
     print(f"wrote {output_dir}/iou.png, overlays and results.json in {time.time() - start:.0f} s")
     return results
+
+
+def _cam_network_columns(output_dir: str, num_images: int, seed: int, use_crf: bool, options: Sequence[str],
+                         progress: bool) -> dict:
+    """The CAM-network route on the same held-out split (rendered at the network's 128 px): a classification
+    network, then a CLIMS and a POLE (per-pair words chosen on its CAMs) second stage from it."""
+    from . import PoleCamNetwork
+    from .cam_network_training import SYNTHETIC_IMAGE_SIZE
+    from .cam_network_training import main as train
+
+    work = os.path.join(output_dir, "cam_network")
+    common = ["--dataset", "synthetic", "--cpu", *options]
+    stage1 = os.path.join(work, "classification")
+    train(["--stage", "classification", *common, "--output_dir", stage1])
+    train(["--stage", "select", *common, "--init_network", stage1, "--output_dir", os.path.join(work, "select")])
+    selection = os.path.join(work, "select", "selection.json")
+    runs = {"CAM network (classification)": stage1}
+    for name, flags in (("CLIMS", ["--variant", "clims"]), ("POLE", ["--variant", "pole", "--selection", selection])):
+        folder = runs[f"CAM network ({name})"] = os.path.join(work, name.lower())
+        train(["--stage", "clims", *common, *flags, "--init_network", stage1, "--output_dir", folder])
+    heldout = load_synthetic(num_images=num_images, seed=seed, image_size=SYNTHETIC_IMAGE_SIZE, split="test")
+    columns = {}
+    for variant, folder in runs.items():
+        cam = evaluate_cams(PoleCamNetwork.from_pretrained(folder), heldout, crf=use_crf, progress=progress)
+        mask = cam["pseudo_mask"] if use_crf else cam  # without the CRF a network's masks are its CAMs (no CAA)
+        columns[variant] = {"cam_miou": 100 * cam["miou"], "mask_miou": 100 * mask["miou"],
+                            "cam_iou": {k: 100 * v for k, v in cam["per_class_iou"].items()}, "network": folder}
+    return columns
 
 
 def _segmentation_column(models: dict, output_dir: str, run_options: Sequence[str] = ()) -> dict[str, float]:

@@ -50,16 +50,25 @@ class PixelDataset(torch.utils.data.Dataset):
 
     Args:
         dataset: a `datasets.Dataset` from `pole_hf.data`.
-        size: `(height, width)` of the pixels.
+        size: `(height, width)` of the pixels (without `augment`, or when an image cannot be read).
         mean, std: per-channel normalisation (`(0, 0, 0)`, `(1, 1, 1)` keeps [0, 1]).
+        augment: a callable `(pixels [3, H, W] in [0, 1], epoch, index) -> pixels` (e.g.
+            `pole_hf.augmentation.ScaleFlipCrop`) applied to each image at its own size before normalisation;
+            its output size must equal `size`. The epoch comes from [`set_epoch`].
     """
 
-    def __init__(self, dataset, size: tuple[int, int], mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+    def __init__(self, dataset, size: tuple[int, int], mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), augment=None):
         self.reader = ExampleReader(dataset)
         self.words = dataset["class_words"] if "class_words" in dataset.column_names else None
-        self.size = tuple(size)
+        self.size, self.mean, self.std = tuple(size), mean, std
         self.processor = PoleImageProcessor(image_mean=mean, image_std=std, patch_size=1)
+        self.unit = PoleImageProcessor(image_mean=(0.0,) * 3, image_std=(1.0,) * 3, patch_size=1)  # [0, 1] pixels
+        self.augment, self.epoch = augment, 0
         self.skipped: list[str] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the augmentation draws for (call before each epoch's batches, resumed runs included)."""
+        self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.reader)
@@ -70,9 +79,18 @@ class PixelDataset(torch.utils.data.Dataset):
             logger.warning("skipping %s: %s", example.id, example.error)
             self.skipped.append(example.id)
             return torch.zeros(3, *self.size), [], []
-        pixels = self.processor.pixel_values(example.image, self.size)[0]
         words = list(self.words[index]) if self.words is not None else []
-        return pixels, sorted(set(example.labels)), words
+        if self.augment is None:
+            pixels = self.processor.pixel_values(example.image, self.size)[0]
+            return pixels, sorted(set(example.labels)), words
+        width, height = example.image.size
+        pixels = self.augment(self.unit.pixel_values(example.image, (height, width))[0], self.epoch, index)
+        if tuple(pixels.shape[-2:]) != self.size:
+            raise ValueError(f"the augmentation gave {tuple(pixels.shape[-2:])} pixels, not size={self.size}: "
+                             "give a crop of that size")
+        mean = torch.as_tensor(self.mean, dtype=pixels.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=pixels.dtype).view(-1, 1, 1)
+        return (pixels - mean) / std, sorted(set(example.labels)), words
 
 
 def _module_file(folder: str, name: str) -> str:
