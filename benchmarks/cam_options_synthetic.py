@@ -9,7 +9,6 @@ with `pole_hf.evaluation.evaluate_cams`; writes the table into benchmarks/README
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality_synthetic import README, replace_section  # noqa: E402
+from synthetic_args import parse_benchmark_args  # noqa: E402
 
 HEADING = "## CAM options on the synthetic world"
 SETTINGS = {
@@ -31,13 +31,7 @@ SETTINGS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_images", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no_write", action="store_true", help="print only, leave README.md alone")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(__doc__.splitlines()[0], 200, argv)
     from pole_hf import PolePromptModel
     from pole_hf.bundled import TINY_PROMPTS
     from pole_hf.data import load_synthetic

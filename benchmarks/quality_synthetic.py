@@ -10,7 +10,6 @@ selection). Writes the table into benchmarks/README.md under "## Quality on the 
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import re
@@ -19,6 +18,9 @@ import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic_args import parse_benchmark_args  # noqa: E402
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 HEADING = "## Quality on the synthetic world"
@@ -57,13 +59,7 @@ def learned_variants(work: str) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_images", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no_write", action="store_true", help="print only, leave README.md alone")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(__doc__.splitlines()[0], 300, argv)
     from pole_hf.demo import run_demo
 
     start = time.time()

@@ -26,23 +26,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from pole_hf import PoleImageProcessor, PolePromptModel
+from pole_hf import PoleImageProcessor, PolePromptModel, training
 from pole_hf.atomic import atomic_write_text
 from pole_hf.bundled import TINY_CLIP
 from pole_hf.data.spec import SPEC_HELP, class_names_of, load_dataset_spec
 from pole_hf.objective import PoleObjective, pairs_from_cams
 from pole_hf.selection import load_candidates, select_class_words
-from pole_hf.training import (
-    PixelDataset,
-    add_run_arguments,
-    check_trackers,
-    epoch_batches,
-    latest_checkpoint,
-    load_checkpoint,
-    log_run_start,
-    record_step,
-    save_checkpoint,
-)
 from pole_hf.vocab import PROMPT_PRESETS
 
 logger = logging.getLogger("train_pole")
@@ -90,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_warmup_steps", type=int, default=0)
     parser.add_argument("--num_train_epochs", type=int, default=1)
     parser.add_argument("--max_train_steps", type=int, default=None)
-    add_run_arguments(parser)
+    training.add_run_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("max_train_steps", "num_train_epochs", "train_batch_size", "eval_images", "select_images"):
         value = getattr(args, name)
@@ -99,21 +88,22 @@ def parse_args(argv=None):
     if args.num_images is not None and args.num_images < 1:
         parser.error(f"--num_images {args.num_images} must be at least 1")
     try:
-        check_trackers(args.report_to)
+        training.check_trackers(args.report_to)
     except ImportError as err:
         parser.error(str(err))
     return args
 
 
-def local_batches(data: PixelDataset, batch_size: int, seed: int, epoch: int, accelerator) -> list:
+def local_batches(data: training.PixelDataset, batch_size: int, seed: int, epoch: int, accelerator) -> list:
     """This process's slices of one epoch's global batches (`pole_hf.training.epoch_batches`), decoded lazily when
     a `_LocalBatch` is unpacked; a slice may be empty (uneven last batch)."""
-    parts = epoch_batches(len(data), batch_size, seed, epoch, accelerator.process_index, accelerator.num_processes)
+    parts = training.epoch_batches(len(data), batch_size, seed, epoch, accelerator.process_index,
+                                   accelerator.num_processes)
     return [_LocalBatch(data, part) for part in parts]
 
 
 class _LocalBatch:
-    def __init__(self, data: PixelDataset, indices: list[int]):
+    def __init__(self, data: training.PixelDataset, indices: list[int]):
         self.data, self.indices = data, indices
 
     def __iter__(self):
@@ -190,11 +180,11 @@ def resume(args, accelerator, owned) -> int:
     """Load the checkpoint `--resume_from_checkpoint` names (or the latest); the step it was saved at (0: none)."""
     if not args.resume_from_checkpoint:
         return 0
-    path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" \
+    path = training.latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" \
         else args.resume_from_checkpoint
     if not path:
         return 0
-    step = load_checkpoint(accelerator, path, owned)
+    step = training.load_checkpoint(accelerator, path, owned)
     if accelerator.is_main_process:
         logger.info("resumed from %s at step %d", os.path.basename(path), step)
     return step
@@ -238,13 +228,14 @@ def training_function(args) -> dict:
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.report_to,
                               project_dir=args.output_dir,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
-    log_run_start(logger, accelerator, "train_pole.py")
+    training.log_run_start(logger, accelerator, "train_pole.py")
     set_seed(args.seed)
     train_set = load_data(args)
     model = build_model(args, class_names_of(train_set)).to(accelerator.device)
     processor = PoleImageProcessor.for_model(model)
     selection = select_words(args, model, train_set, processor, accelerator) if args.select else None
-    data = PixelDataset(train_set, (args.image_size, args.image_size), processor.image_mean, processor.image_std)
+    data = training.PixelDataset(train_set, (args.image_size, args.image_size), processor.image_mean,
+                                 processor.image_std)
     freeze_unlearned(model, learned_parts(args))
     params = [p for p in model.learnable_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -278,9 +269,9 @@ def training_function(args) -> dict:
                 step += 1
                 logs = {"loss": accelerator.reduce(loss.detach(), "sum").item(), **terms,
                         "lr": scheduler.get_last_lr()[0]}
-                record_step(accelerator, progress, history, logs, step)
+                training.record_step(accelerator, progress, history, logs, step)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args.output_dir, step, owned)
+                    training.save_checkpoint(accelerator, args.output_dir, step, owned)
                 if args.eval_every and step % args.eval_every == 0 and accelerator.is_main_process:
                     accelerator.log({"cam_miou": cam_miou(args, model, processor)}, step=step)
             skip = 0
@@ -317,10 +308,10 @@ def save_outputs(args, model, selection, result) -> None:
         selection.save(os.path.join(args.output_dir, "selection.json"))
     evals = [PoleEvalResult("cam_miou", 100 * result["cam_miou"], args.dataset.split(":")[0], args.eval_split)] \
         if result.get("cam_miou") is not None else []
-    training = {"seed": args.seed, "steps": result["steps"], "global batch": args.train_batch_size,
+    settings = {"seed": args.seed, "steps": result["steps"], "global batch": args.train_batch_size,
                 "learning rate": args.learning_rate, "loss weights (otm/btm/cbs)": "/".join(
                     f"{float(w):g}" for w in args.loss_weights.split(","))}
-    card = render_model_card(model, datasets=[args.dataset.split(":")[0]], eval_results=evals, training=training)
+    card = render_model_card(model, datasets=[args.dataset.split(":")[0]], eval_results=evals, training=settings)
     atomic_write_text(os.path.join(args.output_dir, "README.md"), str(card))
 
 
