@@ -321,10 +321,13 @@ def test_voc_labels_from_a_grey_mask_keep_the_first_and_last_class(tmp_path):
     from pole_hf.data.voc import _labels_from_mask
 
     values = np.array([[0, 1, 20, 21, 255]], np.uint8)  # background, first class, last class, beyond, ignore
-    for mode in ("L", "RGB"):
+    for mode in ("L", "P"):
         path = tmp_path / f"mask-{mode}.png"
         Image.fromarray(values).convert(mode).save(path)
         assert _labels_from_mask(str(path), 20) == [0, 19], mode
+    Image.fromarray(values).convert("RGB").save(tmp_path / "mask-RGB.png")  # colours are not ids: refused
+    with pytest.raises(ValueError, match="mask-RGB.png is a RGB image"):
+        _labels_from_mask(str(tmp_path / "mask-RGB.png"), 20)
 
 
 def test_pair_maps_without_pairs():

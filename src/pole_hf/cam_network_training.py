@@ -394,6 +394,8 @@ def evaluate(args, network) -> float | None:
 
 
 def main(argv=None):
+    """The script's entry point: INFO logs (the run's first line names its processes), one-line errors."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = parse_args(argv)
         return run_selection(args) if args.stage == "select" else training_function(args)
