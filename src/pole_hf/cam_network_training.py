@@ -26,6 +26,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .augmentation import ScaleFlipCrop
+from .bundled import TINY_CLIP
+from .cam_inference import batched_cams
 from .cam_network_objective import (
     CLASSIFICATION_SETTINGS,
     CLIMS_BACKGROUND_WORDS,
@@ -37,8 +39,14 @@ from .cam_network_objective import (
     freeze_for_variant,
     variant_options,
 )
-from .data.spec import SPEC_HELP, class_names_of, load_dataset_spec
-from .selection import load_candidates
+from .configuration_pole_cam_network import PoleCamNetworkConfig, tiny_resnet_config
+from .data import SyntheticWorld
+from .data.spec import SPEC_HELP, class_names_of, iter_examples, load_dataset_spec
+from .evaluation import evaluate_cams
+from .image_processing_pole import PoleImageProcessor
+from .modeling_pole import PolePromptModel
+from .modeling_pole_cam_network import PoleCamNetwork
+from .selection import SelectionResult, load_candidates, select_class_words, with_pair_words
 from .training import (
     PixelDataset,
     add_run_arguments,
@@ -49,6 +57,7 @@ from .training import (
     log_run_start,
     save_checkpoint,
 )
+from .vocab import VOC_PROMPT_WORDS
 
 logger = logging.getLogger("train_cam_network")
 SYNTHETIC_IMAGE_SIZE = 128
@@ -144,9 +153,6 @@ def normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def build_network(args, class_names):
-    from . import PoleCamNetwork, PoleCamNetworkConfig
-    from .configuration_pole_cam_network import tiny_resnet_config
-
     if args.init_network:
         network = PoleCamNetwork.from_pretrained(args.init_network)
         if network.config.class_names != list(class_names):
@@ -159,23 +165,16 @@ def build_network(args, class_names):
 
 
 def build_prompt_model(args, class_names):
-    from . import PolePromptModel
-    from .bundled import TINY_CLIP
-
     if args.prompts:
         return PolePromptModel.from_pretrained(args.prompts)
     options = variant_options(args.variant, args.use_adapters)
     if args.background_words is not None:
         options["background_words"] = args.background_words
     elif args.dataset.startswith("synthetic"):
-        from .data import SyntheticWorld
-
         options["background_words"] = SyntheticWorld().background_kinds
     else:
         options["background_words"] = list(CLIMS_BACKGROUND_WORDS)
     if args.dataset.startswith("voc"):
-        from .vocab import VOC_PROMPT_WORDS
-
         options["class_words"] = [VOC_PROMPT_WORDS.get(n, n) for n in class_names]
     return PolePromptModel.from_clip(args.base or TINY_CLIP, class_names=class_names, **options)
 
@@ -184,8 +183,6 @@ def load_training_set(args):
     train_set = load_dataset_spec(args.dataset, split=args.split, num_images=args.num_images, seed=args.seed,
                                   image_size=args.image_size)
     if args.selection:
-        from .selection import SelectionResult, with_pair_words
-
         train_set = with_pair_words(train_set, SelectionResult.load(args.selection))
     return train_set
 
@@ -195,11 +192,6 @@ def select_pair_words(network, prompt_model, dataset, candidates=None, progress:
 
     Returns the [`SelectionResult`]; `pole_hf.selection.with_pair_words` writes its words beside the dataset.
     """
-    from .cam_inference import batched_cams
-    from .data.spec import iter_examples
-    from .image_processing_pole import PoleImageProcessor
-    from .selection import select_class_words
-
     items = [(e.image, list(dict.fromkeys(e.labels)), e.id) for e in iter_examples(dataset)]
     labelled = [i for i, item in enumerate(items) if item[1]]
     computed = batched_cams(network.eval(), PoleImageProcessor.for_model(network), [items[i][0] for i in labelled],
@@ -292,8 +284,6 @@ def training_function(args) -> dict:
                                                               if isinstance(v, (int, float, str, bool))})
     clip_norm = None
     if prompt_model is not None:
-        from .image_processing_pole import PoleImageProcessor
-
         processor = PoleImageProcessor.for_model(prompt_model)
         clip_norm = (processor.image_mean, processor.image_std)
     step, start_epoch, skip = 0, 0, 0
@@ -386,8 +376,6 @@ def train_step(args, accelerator, network, prompt_model, objective, pixels, labe
 
 
 def evaluate(args, network) -> float | None:
-    from .evaluation import evaluate_cams
-
     data = load_dataset_spec(args.dataset, split=args.eval_split, num_images=args.eval_images, seed=0,
                              image_size=args.image_size, class_names=network.config.class_names)
     return evaluate_cams(network, data, progress=False)["miou"]
