@@ -28,7 +28,8 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pole_hf import PoleImageProcessor, batched_cams
+from pole_hf import PoleImageProcessor
+from pole_hf.cam_inference import iter_cams
 from pole_hf.atomic import atomic_save_npy, atomic_save_png, atomic_write_text, remove_partial_files
 from pole_hf.data.spec import (
     SPEC_HELP,
@@ -119,49 +120,43 @@ def main(argv=None) -> dict:
     matrix = ConfusionMatrix(len(names) + 1)
     done = computed = 0
     skipped: list[str] = []
-    pending = []  # examples whose CAMs are computed together: images of one size share a batched call
 
-    def compute_pending():
-        nonlocal computed
-        labelled = [e for e in pending if e.labels]
-        outputs = batched_cams(model, processor, [e.image for e in labelled], [sorted(set(e.labels)) for e in labelled],
-                               batch_size=args.batch_size, scales=tuple(args.scales), flip=args.flip,
-                               refine=args.refine, box_edges=args.box_edges)
-        found = {e.index: o.cams.numpy() for e, o in zip(labelled, outputs)}
-        for example in pending:
-            labels = sorted(set(example.labels))
-            cams = found.get(example.index, np.zeros((0, example.image.size[1], example.image.size[0]), np.float32))
-            ids = [i + 1 for i in labels]
-            if args.crf and labels:
-                pred = scores_to_mask(crf_refine(np.asarray(example.image), class_scores(cams, rule)), ids)
-            else:
-                pred = cams_to_mask(cams, ids, rule)
+    def to_compute():  # resumed and unreadable examples are settled here; the rest get CAMs, size-bucketed
+        nonlocal done
+        for example in tqdm(iter_examples(dataset, shard), total=len(shard), disable=not accelerator.is_main_process,
+                            desc="CAMs"):
             stem = stems[example.index]
-            atomic_save_npy(confined_path(cam_dir, f"{stem}.npy"), cams.astype(np.float16))
-            atomic_save_png(confined_path(mask_dir, f"{stem}.png"), mask_to_image(pred))
-            computed += 1
-            if example.mask is not None:
-                matrix.update(pred, example.mask)
-        pending.clear()
+            cam_path, mask_path = confined_path(cam_dir, f"{stem}.npy"), confined_path(mask_dir, f"{stem}.png")
+            if os.path.exists(cam_path) and os.path.exists(mask_path):
+                with Image.open(mask_path) as saved:
+                    pred = image_to_mask(saved)
+                done += 1
+                if example.mask is not None:
+                    matrix.update(pred, example.mask)
+            elif example.image is None:
+                logger.warning("skipping %s: %s", example.id, example.error)
+                skipped.append(example.id)
+            else:
+                yield example
 
-    for example in tqdm(iter_examples(dataset, shard), total=len(shard), disable=not accelerator.is_main_process,
-                        desc="CAMs"):
-        stem = stems[example.index]
-        cam_path, mask_path = confined_path(cam_dir, f"{stem}.npy"), confined_path(mask_dir, f"{stem}.png")
-        if os.path.exists(cam_path) and os.path.exists(mask_path):
-            with Image.open(mask_path) as saved:
-                pred = image_to_mask(saved)
-            done += 1
-            if example.mask is not None:
-                matrix.update(pred, example.mask)
-        elif example.image is None:
-            logger.warning("skipping %s: %s", example.id, example.error)
-            skipped.append(example.id)
+    for example, output in iter_cams(model, processor, to_compute(), image=lambda e: e.image,
+                                     targets=lambda e: sorted(set(e.labels)), batch_size=args.batch_size,
+                                     scales=tuple(args.scales), flip=args.flip, refine=args.refine,
+                                     box_edges=args.box_edges):
+        labels = sorted(set(example.labels))
+        cams = np.zeros((0, example.image.size[1], example.image.size[0]), np.float32) if output is None else \
+            output.cams.numpy()
+        ids = [i + 1 for i in labels]
+        if args.crf and labels:
+            pred = scores_to_mask(crf_refine(np.asarray(example.image), class_scores(cams, rule)), ids)
         else:
-            pending.append(example)
-            if len(pending) >= 4 * args.batch_size:
-                compute_pending()
-    compute_pending()
+            pred = cams_to_mask(cams, ids, rule)
+        stem = stems[example.index]
+        atomic_save_npy(confined_path(cam_dir, f"{stem}.npy"), cams.astype(np.float16))
+        atomic_save_png(confined_path(mask_dir, f"{stem}.png"), mask_to_image(pred))
+        computed += 1
+        if example.mask is not None:
+            matrix.update(pred, example.mask)
     totals = torch.tensor(matrix.matrix, dtype=torch.int64, device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum").cpu().numpy()
     counts = accelerator.reduce(torch.tensor([done, computed, len(skipped)], device=accelerator.device),

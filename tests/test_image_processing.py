@@ -78,3 +78,46 @@ def test_image_segmentation_pipeline_on_saved_prompts(tmp_path, world_prompts, r
         assert segment["mask"].size == (56, 40)
         value = segmenter.model.config.label2id[segment["label"]]
         np.testing.assert_array_equal(np.asarray(segment["mask"]) == 255, expected == value)
+
+
+def test_iter_cams_keeps_order_windows_and_skips_items_without_targets(bundled_prompts, random_image, monkeypatch):
+    import pole_hf.cam_inference as inference
+
+    model = bundled_prompts
+    processor = PoleImageProcessor.for_model(model)
+    items = [(random_image(1, 96, 96), [2, 0]), (random_image(2, 64, 112), []), (random_image(3, 96, 96), [1]),
+             (random_image(4, 64, 112), [0]), (random_image(5, 96, 96), [])]
+    calls = []
+    real = inference.batched_cams
+
+    def counting(model_, processor_, images, class_indices, **options):
+        calls.append(len(images))
+        return real(model_, processor_, images, class_indices, **options)
+
+    monkeypatch.setattr(inference, "batched_cams", counting)
+    yielded = list(inference.iter_cams(model, processor, iter(items), image=lambda item: item[0],
+                                       targets=lambda item: item[1], batch_size=2, window=3))
+    assert [item for item, _ in yielded] == items  # input order, every item once
+    assert calls == [2, 1]  # windows of 3 items; the target-less ones never reach the model
+    for (image, target), (_, output) in zip(items, yielded):
+        if not target:
+            assert output is None
+            continue
+        single = image_cams(model, processor, image, target)
+        assert output.class_indices.tolist() == target
+        torch.testing.assert_close(output.cams, single.cams, atol=1e-5, rtol=0)
+
+
+def test_get_cams_runs_the_text_tower_once_while_prompts_learn(tiny_model, monkeypatch):
+    # training calls get_cams with grad on and trainable prompts: the text features of the CAM pass are returned,
+    # not computed a second time
+    tiny_model.prompt_learner.class_tokens.requires_grad_(True)
+    tiny_model.get_text_features()  # the background prompts' features are cached
+    calls = []
+    real = type(tiny_model).encode_prompt_embeddings
+    monkeypatch.setattr(type(tiny_model), "encode_prompt_embeddings",
+                        lambda self, *args: calls.append(1) or real(self, *args))
+    with torch.enable_grad():
+        output = tiny_model.get_cams(torch.randn(1, 3, 32, 32), [[0, 1]])
+    assert len(calls) == 1
+    torch.testing.assert_close(output.text_embeds, tiny_model.get_text_features().detach())

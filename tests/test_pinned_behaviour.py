@@ -45,9 +45,9 @@ def mask_cams(model, processor, images, class_indices, **options):
 
 
 def test_evaluate_cams_scores_perfect_maps_as_perfect(tiny_model, monkeypatch):
-    import pole_hf.evaluation
+    import pole_hf.cam_inference
 
-    monkeypatch.setattr(pole_hf.evaluation, "batched_cams", mask_cams)
+    monkeypatch.setattr(pole_hf.cam_inference, "batched_cams", mask_cams)
     masks = [np.array([[0, 1, 1, 0], [0, 3, 3, 0], [0, 0, 0, 0]], np.uint8),
              np.array([[2, 2, 0, 0], [2, 2, 0, 1], [0, 0, 0, 1]], np.uint8)]
     images = [Image.fromarray(np.stack([m.astype(np.uint8) * 40] * 3, -1)) for m in masks]

@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from .bundled import TINY_CLIP, TINY_PROMPTS
 from .cam import CamOutput
-from .cam_inference import batched_cams, image_cams
+from .cam_inference import batched_cams, image_cams, iter_cams
 from .configuration_pole import PoleConfig
 from .configuration_pole_cam_network import PoleCamNetworkConfig
 from .image_processing_pole import PoleImageProcessor
@@ -40,5 +40,6 @@ __all__ = [
     "PolePromptModel",
     "__version__",
     "batched_cams",
+    "iter_cams",
     "image_cams",
 ]

@@ -52,6 +52,7 @@ class GridCams:
         cam_scores: ``[B, K]`` each target's softmax probability over [the image's targets + background words].
         logits: ``[B, C + num_background]`` scaled similarities to the class, then background, prompts.
         image_embeds: ``[B, projection_dim]`` normalised image features of the CAM forward.
+        text_embeds: ``[C + num_background, projection_dim]`` the normalised text features the logits used.
     """
 
     cams: torch.Tensor
@@ -59,6 +60,7 @@ class GridCams:
     cam_scores: torch.Tensor
     logits: torch.Tensor
     image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
 
 
 def resolve_targets(class_indices, probs: torch.Tensor, threshold: float, inclusive: bool = True) -> list[list[int]]:
@@ -167,7 +169,7 @@ def gradcam(model, pixel_values: torch.Tensor, class_indices: Sequence | None = 
         cams = cams * (classes >= 0)[:, :, None, None]
     scores = torch.where(classes >= 0, picked.detach(), torch.zeros_like(picked.detach()))
     return GridCams(cams=cams, cam_classes=classes, cam_scores=scores, logits=logits.detach(),
-                    image_embeds=features.detach())
+                    image_embeds=features.detach(), text_embeds=text)
 
 
 __all__ = ["CAA_LAYERS", "MAX_SIDE", "CamOutput", "GridCams", "gradcam", "padded_targets", "resolve_targets"]

@@ -8,13 +8,17 @@ and `cam_scores` ([`PolePromptModel`]: GradCAM of CLIP; [`PoleCamNetwork`]: the 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from .cam import CamOutput
 from .image_processing_pole import PoleImageProcessor
 from .images import load_image
+
+
+T = TypeVar("T")
 
 
 def _device(model) -> torch.device:
@@ -92,4 +96,36 @@ def batched_cams(model, processor: PoleImageProcessor, images: Sequence, class_i
     return results
 
 
-__all__ = ["batched_cams", "image_cams", "size_buckets"]
+def iter_cams(model, processor: PoleImageProcessor, items: Iterable[T], image: Callable[[T], Any],
+              targets: Callable[[T], Sequence[int]], batch_size: int = 8, window: int | None = None,
+              **options) -> Iterator[tuple[T, CamOutput | None]]:
+    """CAMs of a stream of items, yielded in input order as `(item, cams)`: `window` items at a time (default
+    `4 * batch_size`) go to [`batched_cams`], so that images of one computation size share model calls; an item
+    with no targets yields `None` without a model call.
+
+    Args:
+        items: anything; `image(item)` gives its image and `targets(item)` its target class indices.
+        batch_size: images per model call.
+        window: items gathered before the model runs (memory: their images and maps).
+        **options: `scales`, `flip`, `max_side` and the model's `get_cams` options.
+    """
+    window = window or 4 * batch_size
+    pending: list[T] = []
+
+    def run() -> Iterator[tuple[T, CamOutput | None]]:
+        chosen = [list(targets(item)) for item in pending]
+        labelled = [position for position, t in enumerate(chosen) if t]
+        outputs = batched_cams(model, processor, [image(pending[p]) for p in labelled], [chosen[p] for p in labelled],
+                               batch_size=batch_size, **options)
+        found = dict(zip(labelled, outputs))
+        yield from ((item, found.get(position)) for position, item in enumerate(pending))
+        pending.clear()
+
+    for item in items:
+        pending.append(item)
+        if len(pending) >= window:
+            yield from run()
+    yield from run()
+
+
+__all__ = ["batched_cams", "image_cams", "iter_cams", "size_buckets"]

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cam_inference import batched_cams
+from .cam_inference import iter_cams
 from .data.spec import iter_examples
 from .image_processing_pole import PoleImageProcessor
 from .masks import IGNORE_ID, BackgroundRule, cams_to_mask, crf_scores, scores_to_mask
@@ -329,7 +329,7 @@ def evaluate_cams(model, dataset, processor: PoleImageProcessor | None = None, p
         crf: also score pseudo masks (a dense CRF on the class scores before the argmax; needs the `crf` extra)
             from the same CAMs, reported under `pseudo_mask`.
         crf_image: the CRF's appearance image (`"clip_es"` or `"rgb"`).
-        batch_size: images of one computation size per model call (see `pole_hf.cam_inference.batched_cams`).
+        batch_size: images of one computation size per model call (see `pole_hf.cam_inference.iter_cams`).
         **cam_kwargs: `scales`, `flip`, `max_side` and the model's `get_cams` options (`box_edges`, ...).
 
     Returns:
@@ -348,28 +348,20 @@ def evaluate_cams(model, dataset, processor: PoleImageProcessor | None = None, p
         return built
 
     groups = {"cam": build(False), **({"pseudo_mask": build(True)} if crf else {})}
-    skipped, pending = [], []
+    skipped = []
 
-    def flush():
-        labelled = [example for example in pending if example.labels]
-        cams = batched_cams(model, processor, [e.image for e in labelled], [sorted(set(e.labels)) for e in labelled],
-                            batch_size=batch_size, **cam_kwargs)
-        found = {id(e): c.cams.numpy() for e, c in zip(labelled, cams)}
-        for example in pending:
-            labels = sorted(set(example.labels))
-            maps = found.get(id(example), np.zeros((0, *example.mask.shape), np.float32))
-            for sweep in (s for sweeps in groups.values() for s in sweeps):  # the CAMs are computed once for all
-                sweep.update(maps, [i + 1 for i in labels], example.mask, image=example.image)
-        pending.clear()
+    def scorable():
+        for example in tqdm(iter_examples(dataset), total=len(dataset), disable=not progress, desc="CAM mIoU"):
+            if example.image is None or example.mask is None:
+                skipped.append(example.id)
+            else:
+                yield example
 
-    for example in tqdm(iter_examples(dataset), total=len(dataset), disable=not progress, desc="CAM mIoU"):
-        if example.image is None or example.mask is None:
-            skipped.append(example.id)
-            continue
-        pending.append(example)
-        if len(pending) >= 4 * batch_size:
-            flush()
-    flush()
+    for example, cams in iter_cams(model, processor, scorable(), image=lambda e: e.image,
+                                   targets=lambda e: sorted(set(e.labels)), batch_size=batch_size, **cam_kwargs):
+        maps = np.zeros((0, *example.mask.shape), np.float32) if cams is None else cams.cams.numpy()
+        for sweep in (s for sweeps in groups.values() for s in sweeps):  # the CAMs are computed once for all
+            sweep.update(maps, [i + 1 for i in sorted(set(example.labels))], example.mask, image=example.image)
     names = ["background", *(class_names or model.config.class_names)]
     result = _best_of(groups["cam"], names)
     result["skipped"] = skipped

@@ -344,7 +344,7 @@ class PolePromptModel(PreTrainedModel):
                        box_threshold=box_threshold, box_edges=box_edges, position_embedding=position_embedding)
         num_classes = self.config.num_classes
         return PoleModelOutput(logits=grid.logits[:, :num_classes], background_logits=grid.logits[:, num_classes:],
-                               image_embeds=grid.image_embeds, text_embeds=self.get_text_features().detach(),
+                               image_embeds=grid.image_embeds, text_embeds=grid.text_embeds,
                                cams=grid.cams, cam_classes=grid.cam_classes, cam_scores=grid.cam_scores)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, class_indices=None,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import _clip_internals as internals
 from .atomic import atomic_write_text
-from .cam_inference import batched_cams
+from .cam_inference import iter_cams
 from .data import SyntheticWorld
 from .image_processing_pole import PoleImageProcessor
 from .images import load_image
@@ -347,35 +347,31 @@ def select_class_words(model, images_and_labels: Iterable, candidates: Mapping[s
     size = clip_input_size(model, processor)
     scale = float(model.get_logit_scale()) if logit_scale is None else float(logit_scale)
     scorer = _MaskedImageScorer(model, words, template, scale, batch_size)
-    chunk: list[tuple[int, str | None, Image.Image, list[int], list[int]]] = []
 
-    def score_chunk():
-        if cams is None:
-            outputs = batched_cams(model, processor, [c[2] for c in chunk], [c[4] for c in chunk],
-                                   batch_size=cam_batch_size, **cam_kwargs)
-            maps = [output.cams for output in outputs]
-        else:
-            maps = [_given_maps(cams, c[0], c[3], c[4]) for c in chunk]
-        for (position, image_id, image, _, scored), image_maps in zip(chunk, maps):
-            masked = masked_pixel_values(image, image_maps, size, processor)
-            for row, i in enumerate(scored):
-                scorer.add(position, image_id, names[i], masked[row: row + 1])
-        chunk.clear()
+    def pairs():  # (position, image_id, image, label indices, scored indices) of images with a word to choose
+        total = len(images_and_labels) if hasattr(images_and_labels, "__len__") else None
+        for position, item in enumerate(tqdm(images_and_labels, total=total, disable=not progress,
+                                             desc="selection")):
+            image, labels, image_id = _unpack(item, position)
+            indices = class_indices(labels, names)
+            scored = [i for i in indices if len(words[names[i]]) > 1]
+            for i in indices:  # a single candidate wins without scoring
+                if len(words[names[i]]) == 1:
+                    scorer.choices.append(WordChoice(position, image_id, names[i], words[names[i]][0],
+                                                     {words[names[i]][0]: 1.0}))
+            if scored:
+                yield position, image_id, load_image(image), indices, scored
 
-    total = len(images_and_labels) if hasattr(images_and_labels, "__len__") else None
-    for position, item in enumerate(tqdm(images_and_labels, total=total, disable=not progress, desc="selection")):
-        image, labels, image_id = _unpack(item, position)
-        indices = class_indices(labels, names)
-        scored = [i for i in indices if len(words[names[i]]) > 1]
-        for i in indices:  # a single candidate wins without scoring
-            if len(words[names[i]]) == 1:
-                scorer.choices.append(WordChoice(position, image_id, names[i], words[names[i]][0],
-                                                 {words[names[i]][0]: 1.0}))
-        if scored:
-            chunk.append((position, image_id, load_image(image), indices, scored))
-        if len(chunk) >= 4 * cam_batch_size:
-            score_chunk()
-    score_chunk()
+    if cams is None:
+        with_maps = ((pair, output.cams) for pair, output in iter_cams(
+            model, processor, pairs(), image=lambda pair: pair[2], targets=lambda pair: pair[4],
+            batch_size=cam_batch_size, **cam_kwargs))
+    else:
+        with_maps = ((pair, _given_maps(cams, pair[0], pair[3], pair[4])) for pair in pairs())
+    for (position, image_id, image, _, scored), image_maps in with_maps:
+        masked = masked_pixel_values(image, image_maps, size, processor)
+        for row, i in enumerate(scored):
+            scorer.add(position, image_id, names[i], masked[row: row + 1])
     scorer.flush()
     result = SelectionResult(candidates=words, template=template, choices=scorer.choices)
     result.choices.sort(key=lambda c: (c.image, names.index(c.class_name)))
