@@ -29,8 +29,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pole_hf import PoleImageProcessor
-from pole_hf.cam_inference import iter_cams
 from pole_hf.atomic import atomic_save_npy, atomic_save_png, atomic_write_text, remove_partial_files
+from pole_hf.cam_inference import iter_cams
 from pole_hf.data.spec import (
     SPEC_HELP,
     class_names_of,

@@ -40,6 +40,6 @@ __all__ = [
     "PolePromptModel",
     "__version__",
     "batched_cams",
-    "iter_cams",
     "image_cams",
+    "iter_cams",
 ]

@@ -17,7 +17,6 @@ from .cam import CamOutput
 from .image_processing_pole import PoleImageProcessor
 from .images import load_image
 
-
 T = TypeVar("T")
 
 
