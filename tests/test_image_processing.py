@@ -65,6 +65,18 @@ def test_saving_keeps_the_live_config_and_writes_the_processor(tmp_path, tiny_mo
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path / "standalone"), PoleImageProcessor)
 
 
+def test_a_loaded_model_uses_the_processor_saved_beside_it(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "prompts")
+    tuned = PoleImageProcessor.from_pretrained(tmp_path / "prompts")
+    tuned.scales, tuned.flip, tuned.bg_power = [1.0, 0.5], True, 2.0
+    tuned.save_pretrained(tmp_path / "prompts")
+    loaded = PolePromptModel.from_pretrained(tmp_path / "prompts")
+    found = PoleImageProcessor.for_model(loaded)
+    assert (found.scales, found.flip, found.bg_power) == ([1.0, 0.5], True, 2.0)
+    loaded.save_pretrained(tmp_path / "again")  # re-saving keeps the tuned processor
+    assert PoleImageProcessor.from_pretrained(tmp_path / "again").to_dict() == tuned.to_dict()
+
+
 def test_image_segmentation_pipeline_on_saved_prompts(tmp_path, world_prompts, random_image):
     segmenter = pipeline("image-segmentation", model=world_prompts)
     assert isinstance(segmenter.image_processor, PoleImageProcessor)

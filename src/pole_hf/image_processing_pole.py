@@ -6,6 +6,7 @@ convention.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -91,8 +92,11 @@ class PoleImageProcessor(BaseImageProcessor):
         if saved and (os.path.isdir(saved) or not os.path.isabs(saved)):
             found = cached_file(saved, PROCESSOR_FILE, _raise_exceptions_for_missing_entries=False,
                                 _raise_exceptions_for_connection_errors=False)
-            if found and cls.get_image_processor_dict(saved)[0].get("image_processor_type") == cls.__name__:
-                return cls.from_pretrained(saved)
+            if found:
+                with open(found, encoding="utf-8") as handle:
+                    settings = json.load(handle)  # read once: for_model runs on every save, pipeline and evaluation
+                if settings.get("image_processor_type") == cls.__name__:
+                    return cls.from_dict(settings)
         base = base_image_processor(model.config, saved)
         return cls(image_mean=getattr(base, "image_mean", OPENAI_CLIP_MEAN),
                    image_std=getattr(base, "image_std", OPENAI_CLIP_STD),

@@ -168,6 +168,8 @@ def load_prompts(cls, path: str | os.PathLike, *, base_model: CLIPModel | None =
         tokenizer = try_load_base_tokenizer(config.base_model_name_or_path or base_model.config.name_or_path,
                                             revision=config.base_model_revision, **hub)
     model = cls(config, clip_model=base_model, tokenizer=tokenizer, load_tokenizer=False)
+    if not model.config.name_or_path:  # where it came from, as transformers' from_pretrained records it: the
+        model.config.name_or_path = path  # processor saved beside the prompts is found there (PoleImageProcessor)
     load_prompt_tensors(model, prompts_file)
     return model.eval()
 
