@@ -14,6 +14,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+TIMEOUT = 400
+"""Seconds a launched script may run: the slowest takes under 45 s on the quiet 2 cores, ~90 s when shared."""
 
 
 def example(name: str) -> str:
@@ -47,7 +49,18 @@ def run_script(script: str, args: list[str], processes: int = 1, wait: bool = Tr
     environment = dict(ENV, **(env or {}))
     if not wait:
         return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=900)
+    # its own process group, so that a hang (a worker left waiting in a collective) kills every worker and fails
+    # within TIMEOUT with the log, instead of blocking the suite
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{os.path.basename(script)} ({processes} process(es)) still ran after {TIMEOUT} s: "
+                             f"killed; its log ends:\n{stderr[-3000:]}") from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     assert world_size(result.stderr) == processes
     return result
