@@ -87,6 +87,15 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees on display
     image.save(tmp_path / "rotated.jpg", exif=exif)
     assert load_image(str(tmp_path / "rotated.jpg")).size == (20, 30)
+    with Image.open(tmp_path / "rotated.jpg") as opened:  # an opened PIL image too, and exif=False keeps the grid
+        assert load_image(opened).size == (20, 30) and load_image(opened, exif=False).size == (30, 20)
+
+
+def test_an_upright_rgb_image_is_used_as_it_is():
+    # each processor call (one per scale and flip) loads its images again: an RGB image without an EXIF rotation
+    # is not copied
+    image = random_image(20, 30)
+    assert load_image(image) is image
 
 
 def test_small_images_are_refused_with_the_minimum(pipe):

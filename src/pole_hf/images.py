@@ -40,6 +40,10 @@ def _scale_to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round((data - low) / (high - low) * 255).astype(np.uint8)
 
 
+ORIENTATION_TAG = 0x0112
+"""EXIF's orientation tag (1: stored upright)."""
+
+
 def to_rgb(image: Image.Image, exif: bool = True) -> Image.Image:
     """Convert any PIL image to 8-bit RGB following the module's documented conversions.
 
@@ -47,7 +51,7 @@ def to_rgb(image: Image.Image, exif: bool = True) -> Image.Image:
         image: any PIL image.
         exif: apply the EXIF orientation (False keeps the stored pixel grid, which dataset masks are drawn on).
     """
-    if exif:
+    if exif and image.getexif().get(ORIENTATION_TAG, 1) != 1:  # else exif_transpose would only copy the image
         image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
