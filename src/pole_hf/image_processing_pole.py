@@ -181,16 +181,12 @@ class PoleImageProcessor(BaseImageProcessor):
         for row in range(first.cams.shape[0]):
             keep = first.cam_classes[row] >= 0
             size = tuple(first.cams.shape[-2:]) if target_sizes is None else tuple(int(v) for v in target_sizes[row])
-            if not bool(keep.any()):
-                empty = first.cams.new_zeros(0, *size).float().cpu()
-                results.append(CamOutput(cams=empty, class_indices=first.cam_classes[row][keep].cpu(),
-                                         scores=empty.new_zeros(0), grid_cams=empty.new_zeros(0, *first.cams.shape[-2:])))
-                continue
             total = None
             for output, flipped in zip(outputs, flips):
                 grid = output.cams[row][keep].float()
                 grid = grid.flip(-1) if flipped else grid
-                up = F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0]
+                up = F.interpolate(grid[None], size=size, mode="bilinear", align_corners=False)[0] if len(grid) \
+                    else grid.new_zeros(0, *size)  # an image without targets: no maps (interpolate refuses 0)
                 total = up if total is None else total + up
             if self.cam_merge == "mean":
                 cams = total / len(outputs)
