@@ -145,10 +145,18 @@ def render(args, ratios, sides, speeds, memory, seconds) -> str:
     by_name = {name: ratio for name, _, ratio in ratios}
     caa2, whole = by_name["get_cams, 2 label(s), CAA"], by_name["pipeline, 2 labels, refine=True"]
     growth = by_name["get_cams, 5 label(s)"] / by_name["get_cams, 1 label(s)"]
+    seconds_of = {name: sec for name, sec, _ in ratios}
+    forward_s, one_label = seconds_of["plain no-grad vision forward"], seconds_of["get_cams, 1 label(s)"]
+    per_label = (seconds_of["get_cams, 5 label(s)"] - one_label) / 4
     lines += ["", f"Targets: CAA at 2 labels <= {TARGET_CAA_2}x a forward: **{caa2:.2f}x** "
               f"({'met' if caa2 <= TARGET_CAA_2 else 'not met'}); 5 vs 1 label <= {TARGET_LABELS_5_1}x: "
               f"**{growth:.2f}x** ({'met' if growth <= TARGET_LABELS_5_1 else 'not met'}); the whole pipeline call with "
               f"refine=True <= {TARGET_PIPELINE}x: **{whole:.2f}x** ({'met' if whole <= TARGET_PIPELINE else 'not met'}).",
+              "",
+              f"Each label past the first adds {per_label:.3f} CPU s = {per_label / forward_s:.3f} of a forward (one more "
+              "cotangent through the last block: its MLP and attention input-gradients, which the CPU flash-attention "
+              f"backward runs once per label); 5 vs 1 label <= {TARGET_LABELS_5_1}x would need <= "
+              f"{(TARGET_LABELS_5_1 - 1) * one_label / 4 / forward_s:.3f}.",
               "",
               "Growth with the side (square images, 2 labels, CAA):", "", "| side | CPU s | / forward |",
               "|---:|---:|---:|"]
