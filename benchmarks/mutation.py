@@ -113,6 +113,13 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.data.voc.x__labels_from_mask__mutmut_9": "as mutmut_8 ('l' is no mode: 'L' masks are converted)",
     "pole_hf.masks.x_crf_image__mutmut_21": "float64 instead of float32 for uint8 minus the Caffe mean: the results "
                                             "lie >= 0.008 from an integer, far beyond float32 error: trunc agrees",
+    "pole_hf.data.spec.x__read__mutmut_2": "exif=None: load_image's `if exif:` reads None as False",
+    "pole_hf.data.spec.x__read__mutmut_11": "as mutmut_2 (the bytes branch)",
+    "pole_hf.data.spec.x__read__mutmut_23": "as mutmut_2 (the path branch)",
+    "pole_hf.data.spec.x_load_dataset_spec__mutmut_62": "a synthetic dataset already has num_images examples: "
+                                                        "select(range(min(n, n))) keeps them all",
+    "pole_hf.data.spec.x_load_dataset_spec__mutmut_67": "as mutmut_62 (the kind string changed)",
+    "pole_hf.data.spec.x_load_dataset_spec__mutmut_68": "as mutmut_62 (the kind string changed)",
     "pole_hf.masks.x_crf_image__mutmut_32": "np.mod of the float trunc is an integer in [0, 256): the uint8 cast "
                                             "agrees with the int64 route",
 }

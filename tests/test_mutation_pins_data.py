@@ -173,3 +173,30 @@ def test_coco_spec_splits_annotations_from_images_at_the_comma(tmp_path):
     dataset = load_dataset_spec(f"coco:{path},{tmp_path / 'images'}", class_names=["cow", "kite"])
     assert dataset["labels"] == [[1]] and "mask" in dataset.column_names  # masks are read for the runs
     assert np.asarray(dataset[0]["mask"]).max() == 2
+
+
+def test_read_keeps_the_stored_grid_of_an_exif_rotated_image():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buffer = io.BytesIO()
+    Image.new("RGB", (6, 2), 200).save(buffer, format="JPEG", exif=exif)
+    stored = buffer.getvalue()
+    assert _read(Image.open(io.BytesIO(stored)), "r").size == (6, 2)
+    assert _read({"bytes": stored, "path": None}, "r").size == (6, 2)
+
+
+def test_synthetic_spec_seed_picks_the_stream():
+    first, second = (load_dataset_spec("synthetic", num_images=2, seed=s, image_size=16) for s in (0, 1))
+    assert [np.asarray(e["image"]).tolist() for e in first] != [np.asarray(e["image"]).tolist() for e in second]
+    assert load_dataset_spec("synthetic", num_images=1)[0]["image"].size == (96, 96)  # the default size
+
+
+def test_imagefolder_spec_reads_the_named_split(tmp_path):
+    for split, count in (("train", 1), ("test", 2)):
+        (tmp_path / split).mkdir()
+        for i in range(count):
+            Image.new("RGB", (4, 4)).save(tmp_path / split / f"{i}.png")
+        rows = "".join(f"{i}.png,dog\n" for i in range(count))
+        (tmp_path / split / "metadata.csv").write_text("file_name,labels\n" + rows)
+    assert len(load_dataset_spec(f"imagefolder:{tmp_path}", split="test")) == 2
+    assert len(load_dataset_spec(f"imagefolder:{tmp_path}")) == 1
