@@ -190,3 +190,16 @@ def test_defo_learns_one_vector_per_class_the_words_first_token(tiny_clip_dir):
     assert model.prompt_learner.class_tail_ids[0, : len(first) - 1].tolist() == first[1:]
     assert model.prompt_learner.context.shape[0] == 3
     assert {id(p) for p in learned} == {id(model.prompt_learner.context), id(model.prompt_learner.class_tokens)}
+
+
+@pytest.mark.parametrize(("variant", "context", "tokens"), [
+    ("clims", False, "all"), ("coop", True, "all"), ("defo", True, "first"), ("pole", False, "all")])
+def test_variant_options_learn_what_the_paper_table_says(variant, context, tokens):
+    from pole_hf.cam_network_objective import variant_options
+
+    for adapters in (False, True):
+        assert variant_options(variant, use_adapters=adapters) == {
+            "template": "a photo of {}.", "learn_context": context, "use_adapters": adapters,
+            "learnable_tokens": tokens}
+    with pytest.raises(ValueError, match="prompt variant 'clip' is not one of"):
+        variant_options("clip")
