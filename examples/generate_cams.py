@@ -140,14 +140,14 @@ def main(argv=None) -> dict:
                 yield example
 
     for example, output in iter_cams(model, processor, to_compute(), image=lambda e: e.image,
-                                     targets=lambda e: sorted(set(e.labels)), batch_size=args.batch_size,
+                                     targets=lambda e: e.targets, batch_size=args.batch_size,
                                      scales=tuple(args.scales), flip=args.flip, refine=args.refine,
                                      box_edges=args.box_edges):
-        labels = sorted(set(example.labels))
-        cams = np.zeros((0, example.image.size[1], example.image.size[0]), np.float32) if output is None else \
-            output.cams.numpy()
-        ids = [i + 1 for i in labels]
-        if args.crf and labels:
+        if output is None:
+            cams, ids = np.zeros((0, example.image.size[1], example.image.size[0]), np.float32), []
+        else:
+            cams, ids = output.cams.numpy(), [int(i) + 1 for i in output.class_indices]  # the maps' own classes
+        if args.crf and ids:
             pred = scores_to_mask(crf_refine(np.asarray(example.image), class_scores(cams, rule)), ids)
         else:
             pred = cams_to_mask(cams, ids, rule)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pole_hf.data import load_coco, load_imagefolder, load_voc
+from pole_hf.data.spec import Example
 from pole_hf.vocab import VOC_CLASSES
 
 DOG, PERSON, CAT = VOC_CLASSES.index("dog"), VOC_CLASSES.index("person"), VOC_CLASSES.index("cat")
@@ -343,3 +344,9 @@ def test_coco_polygon_under_three_points_is_skipped_and_counted(coco, caplog):
         ds = load_coco(path, images, with_masks=True)
     assert ds["labels"][2] == [] and not np.array(ds[2]["mask"]).any()
     assert "skipped 1 annotation(s) whose polygons have fewer than 3 points" in caplog.text and "[99]" in caplog.text
+
+
+def test_example_targets_are_its_unique_labels_ascending():
+    example = Example(index=0, id="a", image=None, labels=[3, 1, 3, 0], mask=None)
+    assert example.targets == [0, 1, 3]
+    assert Example(index=1, id="b", image=None, labels=[], mask=None).targets == []

@@ -358,10 +358,11 @@ def evaluate_cams(model, dataset, processor: PoleImageProcessor | None = None, p
                 yield example
 
     for example, cams in iter_cams(model, processor, scorable(), image=lambda e: e.image,
-                                   targets=lambda e: sorted(set(e.labels)), batch_size=batch_size, **cam_kwargs):
+                                   targets=lambda e: e.targets, batch_size=batch_size, **cam_kwargs):
         maps = np.zeros((0, *example.mask.shape), np.float32) if cams is None else cams.cams.numpy()
+        ids = [] if cams is None else [int(i) + 1 for i in cams.class_indices]  # the maps' own classes, in order
         for sweep in (s for sweeps in groups.values() for s in sweeps):  # the CAMs are computed once for all
-            sweep.update(maps, [i + 1 for i in sorted(set(example.labels))], example.mask, image=example.image)
+            sweep.update(maps, ids, example.mask, image=example.image)
     names = ["background", *(class_names or model.config.class_names)]
     result = _best_of(groups["cam"], names)
     result["skipped"] = skipped

@@ -82,7 +82,7 @@ class PixelDataset(torch.utils.data.Dataset):
         words = list(self.words[index]) if self.words is not None else []
         if self.augment is None:
             pixels = self.processor.pixel_values(example.image, self.size)[0]
-            return pixels, sorted(set(example.labels)), words
+            return pixels, example.targets, words
         width, height = example.image.size
         pixels = self.augment(self.unit.pixel_values(example.image, (height, width))[0], self.epoch, index)
         if tuple(pixels.shape[-2:]) != self.size:
@@ -90,7 +90,7 @@ class PixelDataset(torch.utils.data.Dataset):
                              "give a crop of that size")
         mean = torch.as_tensor(self.mean, dtype=pixels.dtype).view(-1, 1, 1)
         std = torch.as_tensor(self.std, dtype=pixels.dtype).view(-1, 1, 1)
-        return (pixels - mean) / std, sorted(set(example.labels)), words
+        return (pixels - mean) / std, example.targets, words
 
 
 def _module_file(folder: str, name: str) -> str:

@@ -66,6 +66,11 @@ class Example:
     mask: np.ndarray | None
     error: str | None = None
 
+    @property
+    def targets(self) -> list[int]:
+        """The image's unique class indices, ascending (its CAM targets)."""
+        return sorted(set(self.labels))
+
 
 def _read(value, name: str) -> Image.Image:
     """A dataset image as RGB in its stored pixel grid (no EXIF rotation: masks are drawn on that grid)."""
