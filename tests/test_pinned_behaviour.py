@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pole_hf.cam import CamOutput
 from pole_hf.evaluation import ConfusionMatrix, ThresholdSweep, evaluate_cams
 from pole_hf.objective import masked_images
 
@@ -40,7 +41,7 @@ def mask_cams(model, processor, images, class_indices, **options):
     for image, labels in zip(images, class_indices):
         red = np.asarray(image)[..., 0].astype(np.int64)
         cams = np.stack([(red == 40 * (label + 1)).astype(np.float32) for label in labels])
-        outputs.append(type("Out", (), {"cams": torch.from_numpy(cams)})())
+        outputs.append(CamOutput(cams=torch.from_numpy(cams), class_indices=torch.tensor(labels)))
     return outputs
 
 
