@@ -27,18 +27,29 @@ def split_heads(x: torch.Tensor, attn: nn.Module) -> torch.Tensor:
 
 
 def attention_and_probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: bool = True):
-    """Explicit multi-head attention of ``[B, heads, T, head_dim]`` inputs, one head at a time (one ``[B, T, T]``
-    matrix alive): the merged output ``[B, T, D]`` (`None` unless `output`) and the head-averaged probabilities
-    ``[B, T, T]`` (CAA's attention). No autograd."""
-    total, mixed = None, []
+    """Explicit multi-head attention of ``[B, heads, T, head_dim]`` inputs, one head at a time: the merged output
+    ``[B, T, D]`` (`None` unless `output`) and the head-averaged probabilities ``[B, T, T]`` (CAA's attention).
+    No autograd.
+
+    The ``[B, T, T]`` scores and probabilities live in two buffers reused by every head (a fresh allocation of that
+    size per head costs more than the softmax itself on the CPU: the allocator maps and faults in new pages), and
+    the scale is applied to q once instead of to every score matrix.
+    """
+    batch, heads, length, _ = q.shape
     with torch.no_grad():
-        for head in range(q.shape[1]):
-            probs = torch.softmax((q[:, head] @ k[:, head].transpose(-1, -2)) * attn.scale, dim=-1)
+        q = q * attn.scale
+        scores = q.new_empty(batch, length, length)
+        probs = torch.empty_like(scores)
+        total = torch.zeros_like(scores)
+        mixed = q.new_empty(heads, batch, length, v.shape[-1]) if output else None
+        for head in range(heads):
+            torch.matmul(q[:, head], k[:, head].transpose(-1, -2), out=scores)
+            torch._softmax(scores, -1, False, out=probs)
             if output:
-                mixed.append(probs @ v[:, head])
-            total = probs if total is None else total.add_(probs)
-    merged = torch.stack(mixed, 1).transpose(1, 2).flatten(2) if output else None
-    return merged, total.div_(q.shape[1])
+                torch.matmul(probs, v[:, head], out=mixed[head])
+            total.add_(probs)
+    merged = mixed.permute(1, 2, 0, 3).reshape(batch, length, -1) if output else None
+    return merged, total.div_(heads)
 
 
 def layer_with_attention(layer: nn.Module, hidden: torch.Tensor):
