@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from pole_hf import PoleImageProcessor
 from pole_hf.atomic import atomic_save_npy, atomic_save_png, atomic_write_text, remove_partial_files
 from pole_hf.cam_inference import iter_cams
+from pole_hf.cpu_allocator import tune_cpu_allocator
 from pole_hf.data.spec import (
     SPEC_HELP,
     class_names_of,
@@ -92,6 +93,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--batch_size {args.batch_size} must be at least 1")
     accelerator = Accelerator(cpu=args.cpu)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if accelerator.device.type == "cpu" and tune_cpu_allocator():
+        logger.info("glibc malloc keeps freed blocks for reuse (pole_hf.cpu_allocator)")
     log_run_start(logger, accelerator, "generate_cams.py")
     model = load_prompt_model(args.model, base=args.base, preset=args.preset).to(accelerator.device)
     processor = PoleImageProcessor.for_model(model)

@@ -10,6 +10,7 @@ from .cam import CamOutput
 from .cam_inference import batched_cams, image_cams, iter_cams
 from .configuration_pole import PoleConfig
 from .configuration_pole_cam_network import PoleCamNetworkConfig
+from .cpu_allocator import tune_cpu_allocator
 from .image_processing_pole import PoleImageProcessor
 from .modeling_pole import PoleModelOutput, PolePromptModel
 from .modeling_pole_cam_network import PoleCamNetwork, PoleCamNetworkOutput
@@ -42,4 +43,5 @@ __all__ = [
     "batched_cams",
     "image_cams",
     "iter_cams",
+    "tune_cpu_allocator",
 ]

@@ -316,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     handlers = {"cam": cmd_cam, "eval": cmd_eval, "select": cmd_select, "push": cmd_push, "pull": cmd_pull,
                 "demo": cmd_demo, "run": cmd_run}
+    if args.command in ("cam", "eval", "select", "demo", "run"):
+        from .cpu_allocator import tune_cpu_allocator
+
+        tune_cpu_allocator()  # CAMs on the CPU: large blocks reused, not faulted in anew (the process is ours)
     try:
         if args.command == "train":
             cmd_train(args, extra)
