@@ -139,3 +139,104 @@ def test_caa_uses_the_last_caa_layers_blocks(tiny_model, caa_layers):
                       position_embedding="bicubic").cams[0]
     affinity = affinity_from_attention(torch.stack(probs[-caa_layers:]).mean(0)[1:, 1:])
     torch.testing.assert_close(refined, refine_with_affinity(raw, affinity), atol=1e-4, rtol=0)
+
+
+# --- the inference loop (pole_hf.cam_inference) ---
+
+
+class RecordingCamModel(torch.nn.Module):
+    """A CAM model stand-in whose parameter lives on the meta device: it records each `get_cams` call's batch size
+    and pixel device, and returns one constant map per target (class 0 predicted when none is given)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))
+        self.calls = []
+
+    def get_cams(self, pixel_values, class_indices, **options):
+        self.calls.append((len(pixel_values), pixel_values.device.type, tuple(pixel_values.shape[-2:])))
+        targets = [[0] if t is None else list(t) for t in class_indices]
+        slots = max(len(t) for t in targets)
+        classes = padded_targets(targets)
+        grid = (pixel_values.shape[-2] // 8, pixel_values.shape[-1] // 8)
+        cams = (classes >= 0).float()[:, :, None, None].expand(-1, -1, *grid).clone()
+        return type("Out", (), {"cams": cams, "cam_classes": classes, "cam_scores": torch.ones(len(targets), slots)})
+
+
+def test_batched_cams_moves_the_pixels_to_the_model_device(tiny_processor, random_image):
+    from pole_hf import batched_cams
+
+    model = RecordingCamModel()  # its parameter is on the meta device; its maps come back on the CPU
+    outputs = batched_cams(model, tiny_processor, [random_image(0, 16, 16)], [[0]])
+    assert model.calls == [(1, "meta", (16, 16))] and outputs[0].cams.shape == (1, 16, 16)
+
+
+def test_batched_cams_default_batch_size_is_8(tiny_processor, random_image, monkeypatch):
+    from pole_hf import batched_cams
+
+    model = RecordingCamModel()
+    monkeypatch.setattr("pole_hf.cam_inference._device", lambda m: torch.device("cpu"))
+    outputs = batched_cams(model, tiny_processor, [random_image(i, 16, 16) for i in range(9)], [[1]] * 9)
+    assert [c[0] for c in model.calls] == [8, 1] and len(outputs) == 9
+    assert all(o.class_indices.tolist() == [1] and o.cams.shape == (1, 16, 16) for o in outputs)
+
+
+def test_image_cams_is_one_image_of_batch_one(tiny_processor, random_image, monkeypatch):
+    from pole_hf import image_cams
+
+    model = RecordingCamModel()
+    monkeypatch.setattr("pole_hf.cam_inference._device", lambda m: torch.device("cpu"))
+    out = image_cams(model, tiny_processor, random_image(0, 16, 24), [2], max_side=16)
+    assert model.calls == [(1, "cpu", (16, 16))]  # 24 x 16 capped at 16 x 10.7, rounded up to the 8-pixel patch
+    assert out.cams.shape == (1, 16, 24)
+
+
+def test_size_buckets_use_the_given_longer_side_cap(tiny_processor, random_image):
+    from pole_hf.cam_inference import size_buckets
+
+    images = [random_image(0, 200, 400), random_image(1, 190, 400)]  # 200 x 400 and 192 x 400 at the default cap
+    assert size_buckets(tiny_processor, images) == {(200, 400): [0], (192, 400): [1]}
+    assert size_buckets(tiny_processor, images, max_side=64) == {(32, 64): [0, 1]}  # 32 and 30.4 -> 32
+
+
+def test_iter_cams_default_window_is_four_default_batches(tiny_processor, monkeypatch):
+    import pole_hf.cam_inference as inference
+
+    calls = []
+    monkeypatch.setattr(inference, "batched_cams", lambda model, processor, images, targets, batch_size, **o:
+                        calls.append((len(images), batch_size)) or [None] * len(images))
+    items = list(range(33))
+    yielded = list(inference.iter_cams(None, tiny_processor, items, image=lambda i: i, targets=lambda i: [0]))
+    assert calls == [(32, 8), (1, 8)] and [item for item, _ in yielded] == items
+
+
+# --- the processor (pole_hf.image_processing_pole) ---
+
+
+def grid_output(cams, classes):
+    """A model output stand-in: `cams [B, K, h, w]`, `cam_classes [B, K]`, scores 1 for the real slots."""
+    classes = torch.as_tensor(classes)
+    return type("Out", (), {"cams": torch.as_tensor(cams, dtype=torch.float32), "cam_classes": classes,
+                            "cam_scores": (classes >= 0).float()})
+
+
+def test_semantic_segmentation_unflips_the_flipped_outputs(tiny_processor):
+    plain = grid_output([[[[0.9, 0.1]]]], [[1]])
+    mirrored = grid_output([[[[0.9, 0.1]]]], [[1]])  # declared flipped: it reads [0.1, 0.9]
+    options = {"background": "threshold", "bg_threshold": 0.6}
+    same = tiny_processor.post_process_semantic_segmentation([plain, mirrored], **options)
+    assert same[0].tolist() == [[2, 0]]  # mean [0.9, 0.1]: class 1 (value 2), then background
+    merged = tiny_processor.post_process_semantic_segmentation([plain, mirrored], flips=[False, True], **options)
+    assert merged[0].tolist() == [[0, 0]] and merged[0].dtype == torch.long  # mean [0.5, 0.5] < 0.6
+
+
+# --- the CAM network (pole_hf.modeling_pole_cam_network) ---
+
+
+def test_cam_network_forward_with_a_tuple_returning_backbone_config():
+    from test_cam_network import network
+
+    model = network()
+    model.resnet.config.return_dict = False  # the backbone's own default output is then a tuple
+    out = model(torch.randn(1, 3, 32, 32))
+    assert out.class_maps.shape == (1, 3, 2, 2) and out.feature_map.shape == (1, 32, 2, 2)
