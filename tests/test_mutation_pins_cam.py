@@ -4,6 +4,7 @@ processor and the two CAM models. Hand computations on tiny tensors, round trips
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pole_hf.cam import gradcam, padded_targets, resolve_targets
 
@@ -240,3 +241,167 @@ def test_cam_network_forward_with_a_tuple_returning_backbone_config():
     model.resnet.config.return_dict = False  # the backbone's own default output is then a tuple
     out = model(torch.randn(1, 3, 32, 32))
     assert out.class_maps.shape == (1, 3, 2, 2) and out.feature_map.shape == (1, 32, 2, 2)
+
+
+def test_preprocess_honours_return_tensors(tiny_processor, random_image):
+    import numpy as np
+
+    batch = tiny_processor(random_image(0, 16, 24), return_tensors="np")
+    assert isinstance(batch["pixel_values"], np.ndarray) and batch["pixel_values"].shape == (1, 3, 16, 24)
+
+
+def test_max_merge_divides_by_the_peak_plus_1e_5():
+    from pole_hf import PoleImageProcessor
+
+    processor = PoleImageProcessor(patch_size=1, cam_merge="max")
+    out = grid_output([[[[1.0, 0.5]]]], [[0]])
+    merged = processor.post_process_cams([out, out])[0].cams  # sum [2, 1], divided by 2 + 1e-5
+    torch.testing.assert_close(merged, torch.tensor([[[2 / (2 + 1e-5), 1 / (2 + 1e-5)]]]), atol=0, rtol=1e-7)
+    assert merged.max() < 1
+
+
+def test_segment_takes_the_given_background_rule(tiny_processor):
+    from pole_hf.cam import CamOutput
+
+    cams = CamOutput(cams=torch.tensor([[[0.4, 0.8]]]), class_indices=torch.tensor([2]))
+    assert tiny_processor.segment([cams])[0].tolist() == [[0, 3]]  # power rule: background 0.6 and 0.2
+    assert tiny_processor.segment([cams], background="threshold", bg_threshold=0.3)[0].tolist() == [[3, 3]]
+    assert tiny_processor.segment([cams], background="threshold")[0].tolist() == [[0, 3]]  # default 0.5
+    assert tiny_processor.segment([cams], bg_power=2.0)[0].tolist() == [[3, 3]]  # 0.36 and 0.04
+
+
+def test_crf_segment_takes_the_given_background_rule(tiny_processor):
+    pytest.importorskip("pydensecrf.densecrf", reason="optional extra pole_hf[crf] (pydensecrf2) not installed")
+    import numpy as np
+
+    from pole_hf.cam import CamOutput
+
+    image = np.full((8, 8, 3), 128, np.uint8)
+    cams = CamOutput(cams=torch.full((1, 8, 8), 0.8), class_indices=torch.tensor([0]))
+    power = tiny_processor.segment([cams], [image], crf=True, ignore_below=0.0)[0]  # background 0.2: class 0 wins
+    threshold = tiny_processor.segment([cams], [image], crf=True, ignore_below=0.0, background="threshold",
+                                       bg_threshold=0.9)[0]
+    assert (power == 1).all() and (threshold == 0).all()
+
+
+# --- the prompt model (pole_hf.modeling_pole) ---
+
+
+def test_multilabel_softmax_loss_by_hand():
+    from pole_hf.modeling_pole import multilabel_softmax_loss
+
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0, 0.5], [0.0, 1.0, 0.0, 2.0, -1.0], [1.0, 3.0, 0.0, 0.0, 0.0]])
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    log_p = logits.log_softmax(-1)
+    # two labels share the target evenly; no label targets the two background words evenly; one label all of it
+    expected = -((log_p[0, 0] + log_p[0, 2]) / 2 + (log_p[1, 3] + log_p[1, 4]) / 2 + log_p[2, 1]) / 3
+    torch.testing.assert_close(multilabel_softmax_loss(logits, labels), expected)
+    # without background words an unlabelled image is skipped; with none labelled the loss is a zero
+    torch.testing.assert_close(multilabel_softmax_loss(logits[:, :3], labels),
+                               -((logits[0, :3].log_softmax(-1)[[0, 2]].mean()) + logits[2, :3].log_softmax(-1)[1]) / 2)
+    assert multilabel_softmax_loss(logits[1:2, :3], labels[1:2]).item() == 0
+
+
+def test_forward_with_labels_and_cams_targets_the_labels_and_passes_cam_options(tiny_model):
+    torch.manual_seed(6)
+    pixels = torch.randn(2, 3, 32, 40)
+    labels = torch.tensor([[0, 1, 1], [1, 0, 0]])
+    out = tiny_model(pixels, labels=labels, output_cams=True, refine=True)
+    assert out.cam_classes.tolist() == [[1, 2], [0, -1]] and out.loss is not None
+    refined = tiny_model.get_cams(pixels, [[1, 2], [0]], refine=True)
+    torch.testing.assert_close(out.cams, refined.cams, atol=1e-5, rtol=0)
+    assert not torch.allclose(out.cams, tiny_model.get_cams(pixels, [[1, 2], [0]]).cams, atol=1e-3)
+
+
+# --- the CAM network, continued ---
+
+
+def test_cam_network_loss_is_the_multilabel_soft_margin_by_hand():
+    from test_cam_network import network
+
+    model = network()
+    pixels = torch.randn(2, 3, 32, 32)
+    assert model(pixels).loss is None
+    labels = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.float64)
+    out = model(pixels, labels=labels)
+    x, y = out.logits, labels.float()
+    expected = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x)).mean(1).mean()
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, expected)
+    as_tuple = model(pixels, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.loss)
+    assert type(model(pixels, return_dict=True)).__name__ == "PoleCamNetworkOutput"
+
+
+def test_cam_network_last_stage_alone_keeps_its_resolution():
+    from test_cam_network import network
+
+    model = network()
+    states = model.resnet(torch.randn(1, 3, 64, 64), output_hidden_states=True).hidden_states
+    assert [s.shape[-1] for s in states] == [16, 16, 8, 4, 4]  # stem /4, stages 1, 2, 2, then 1 (output stride 16)
+    assert [network(output_stride=32).resnet(torch.randn(1, 3, 64, 64), output_hidden_states=True)
+            .hidden_states[-1].shape[-1]] == [2]
+
+
+def test_cam_network_train_keeps_the_stem_trainable_when_not_frozen():
+    from test_cam_network import network
+
+    model = network(freeze_stem=False, freeze_batch_norm=False).train()
+    assert model.resnet.embedder.training and all(m.training for m in model.modules())
+    assert not any(m.training for m in model.train(False).modules())
+
+
+def test_get_cams_passes_caa_layers_and_returns_both_logit_parts(tiny_model):
+    torch.manual_seed(7)
+    pixels = torch.randn(1, 3, 32, 40)
+    one = tiny_model.get_cams(pixels, [[0, 2]], refine=True, caa_layers=1).cams
+    two = tiny_model.get_cams(pixels, [[0, 2]], refine=True, caa_layers=2).cams
+    assert not torch.allclose(one, two, atol=1e-3)
+    cam_pass = tiny_model.get_cams(pixels, [[0]], position_embedding="bicubic")
+    scoring = tiny_model(pixels, output_cams=False)  # the same bicubic positions: the same scores
+    torch.testing.assert_close(cam_pass.logits, scoring.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cam_pass.background_logits, scoring.background_logits, atol=1e-4, rtol=0)
+    assert cam_pass.logits.shape == (1, 3) and cam_pass.background_logits.shape == (1, 3)
+
+
+# --- the CLIP internals (pole_hf._clip_internals) ---
+
+
+def test_internals_rebuild_the_vision_forward_of_a_three_block_clip(tiny_clip):
+    from transformers import CLIPVisionModel
+
+    from pole_hf import _clip_internals as internals
+
+    config = tiny_clip.config.vision_config.__class__(**{**tiny_clip.config.vision_config.to_dict(),
+                                                         "num_hidden_layers": 3})
+    torch.manual_seed(8)
+    vision = CLIPVisionModel(config).eval()  # what CLIPModel.vision_model is
+    pixels = torch.randn(2, 3, 24, 32)
+    expected = vision(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+    for caa_layers in (0, 2, 3):
+        hidden, attention = internals.vision_prefix(vision, pixels, caa_layers, "bicubic")
+        _, (q, k, v) = internals.last_block_projections(vision, hidden)
+        tokens = internals.last_block_from_projections(vision, hidden, q, k, v)
+        torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=0)
+        assert (attention is None) == (caa_layers == 0)
+    # the last block's own attention: softmax(q k^T * scale) averaged over the heads, rows summing to 1
+    probs = internals.last_block_probs(vision, q, k)
+    attn = vision.encoder.layers[2].self_attn
+    heads = [x.view(2, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (q, k)]
+    torch.testing.assert_close(probs, (heads[0] @ heads[1].transpose(-1, -2) * attn.scale).softmax(-1).mean(1))
+    assert [w.data_ptr() for w in internals.qkv_weights(vision)] == [
+        p.weight.data_ptr() for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+
+
+def test_vision_tokens_and_image_head_defaults(tiny_model):
+    from pole_hf import _clip_internals as internals
+
+    clip = tiny_model.clip
+    pixels = torch.randn(1, 3, 24, 32)
+    torch.testing.assert_close(internals.vision_tokens(clip.vision_model, pixels),
+                               internals.vision_tokens(clip.vision_model, pixels, "clip_es"), atol=0, rtol=0)
+    tokens = torch.randn(2, 13, clip.config.vision_config.hidden_size)
+    by_hand = clip.visual_projection(clip.vision_model.post_layernorm(tokens[:, 1:]).mean(1))
+    torch.testing.assert_close(internals.image_head(clip, tokens), by_hand)
+    torch.testing.assert_close(internals.image_head(clip, tokens, "pooled"),
+                               clip.visual_projection(clip.vision_model.post_layernorm(tokens[:, 0])))
