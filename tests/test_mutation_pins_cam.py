@@ -405,3 +405,26 @@ def test_vision_tokens_and_image_head_defaults(tiny_model):
     torch.testing.assert_close(internals.image_head(clip, tokens), by_hand)
     torch.testing.assert_close(internals.image_head(clip, tokens, "pooled"),
                                clip.visual_projection(clip.vision_model.post_layernorm(tokens[:, 0])))
+
+
+def test_for_model_of_an_uncached_hub_name_and_of_a_base_without_processor(tiny_model, monkeypatch):
+    from pole_hf import PoleImageProcessor
+
+    tiny_model.config.name_or_path = "nobody/absent-prompts"  # offline and not cached: the base CLIP's processor
+    assert PoleImageProcessor.for_model(tiny_model).patch_size == 8
+    monkeypatch.setattr("pole_hf.image_processing_pole.base_image_processor", lambda config, saved=None: None)
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    plain = PoleImageProcessor.for_model(tiny_model)
+    assert (plain.image_mean, plain.image_std) == (list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD))
+
+
+def test_text_feature_cache_keeps_one_entry_per_part(tiny_model):
+    with torch.no_grad():
+        first = tiny_model.get_text_features()
+        tiny_model.prompt_learner.class_tokens.add_(0.5)
+        tiny_model.prompt_learner.background_ids.copy_(tiny_model.prompt_learner.background_ids)  # a new version
+        second = tiny_model.get_text_features()
+        assert tiny_model.get_text_features() is second  # cached while nothing changes
+    assert sorted(key[0] for key in tiny_model._text_cache) == ["all", "background"]
+    assert not torch.allclose(first[:3], second[:3]) and torch.allclose(first[3:], second[3:])
