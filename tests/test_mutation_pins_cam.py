@@ -428,3 +428,15 @@ def test_text_feature_cache_keeps_one_entry_per_part(tiny_model):
         assert tiny_model.get_text_features() is second  # cached while nothing changes
     assert sorted(key[0] for key in tiny_model._text_cache) == ["all", "background"]
     assert not torch.allclose(first[:3], second[:3]) and torch.allclose(first[3:], second[3:])
+
+
+def test_for_model_reads_the_processor_saved_in_a_hub_repo(local_hub, tiny_model):
+    from pole_hf import PoleImageProcessor, PolePromptModel
+
+    tiny_model.push_to_hub("prompts")
+    tuned = PoleImageProcessor.for_model(tiny_model)
+    tuned.scales, tuned.flip = [1.0, 0.5], True
+    tuned.push_to_hub(f"{local_hub.user}/prompts")
+    loaded = PolePromptModel.from_pretrained(f"{local_hub.user}/prompts")  # name_or_path: a Hub id, not a folder
+    found = PoleImageProcessor.for_model(loaded)
+    assert (found.scales, found.flip) == ([1.0, 0.5], True)
