@@ -137,6 +137,8 @@ EQUIVALENT: dict[str, str] = {
         "shape[+2:] is shape[-2:]",
     "pole_hf.image_processing_pole.xǁPoleImageProcessorǁfor_model__mutmut_55": "codec names are case-insensitive: "
         "'UTF-8' is 'utf-8'",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁfor_model__mutmut_43": "cached_file reads "
+        "_raise_exceptions_for_connection_errors only as `if not ...`: None is False",
     "pole_hf.modeling_pole.xǁPolePromptModelǁget_text_features__mutmut_7": "the part name only labels the cache "
         "key: any name but 'background' selects every prompt tensor, and the evictions test k[0] == 'background'",
     "pole_hf.modeling_pole.xǁPolePromptModelǁget_text_features__mutmut_31": "F.normalize's default dim=1 is dim=-1 "
