@@ -139,8 +139,6 @@ EQUIVALENT: dict[str, str] = {
         "'UTF-8' is 'utf-8'",
     "pole_hf.image_processing_pole.xǁPoleImageProcessorǁfor_model__mutmut_43": "cached_file reads "
         "_raise_exceptions_for_connection_errors only as `if not ...`: None is False",
-    "pole_hf.modeling_pole.xǁPolePromptModelǁget_text_features__mutmut_7": "the part name only labels the cache "
-        "key: any name but 'background' selects every prompt tensor, and the evictions test k[0] == 'background'",
     "pole_hf.modeling_pole.xǁPolePromptModelǁget_text_features__mutmut_31": "F.normalize's default dim=1 is dim=-1 "
         "on the [C + B, D] features",
     "pole_hf.modeling_pole_cam_network.x__keep_last_stage_resolution__mutmut_5": "any stride other than (1, 1) "
