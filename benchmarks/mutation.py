@@ -122,6 +122,28 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.data.spec.x_load_dataset_spec__mutmut_68": "as mutmut_62 (the kind string changed)",
     "pole_hf.masks.x_crf_image__mutmut_32": "np.mod of the float trunc is an integer in [0, 256): the uint8 cast "
                                             "agrees with the int64 route",
+    # CAM modules (session 21)
+    "pole_hf.cam.x_gradcam__mutmut_15": "caa_layers set without refine: vision_prefix computes attention nobody "
+                                        "reads (explicit-attention blocks: the same hidden states to float rounding)",
+    "pole_hf.cam.x_gradcam__mutmut_20": "caa_layers=1 without refine counts only the last block, which "
+                                        "vision_prefix does not run: no explicit attention, None either way",
+    "pole_hf.cam.x_gradcam__mutmut_55": "F.normalize of the [B, D] features: dim=+1 is dim=-1",
+    "pole_hf.cam.x_gradcam__mutmut_121": "picked is float32 (logits.float().softmax): torch.zeros' default dtype "
+                                         "is the same",
+    "pole_hf.cam.x_padded_targets__mutmut_7": "torch.full infers int64 from the integer fill -1: dtype=torch.long "
+                                              "changes nothing",
+    "pole_hf.cam_inference.x_image_cams__mutmut_13": "one image: batch_size 1 or the default 8 is one chunk of one",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁpost_process_cams__mutmut_25": "cams are [B, K, h, w]: "
+        "shape[+2:] is shape[-2:]",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁfor_model__mutmut_55": "codec names are case-insensitive: "
+        "'UTF-8' is 'utf-8'",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁfor_model__mutmut_43": "cached_file reads "
+        "_raise_exceptions_for_connection_errors only as `if not ...`: None is False",
+    "pole_hf.modeling_pole.xǁPolePromptModelǁget_text_features__mutmut_31": "F.normalize's default dim=1 is dim=-1 "
+        "on the [C + B, D] features",
+    "pole_hf.modeling_pole_cam_network.x__keep_last_stage_resolution__mutmut_5": "any stride other than (1, 1) "
+        "is set to (1, 1) either way; setting (1, 1) to (1, 1) is a no-op",
+    "pole_hf.modeling_pole_cam_network.x__keep_last_stage_resolution__mutmut_6": "as mutmut_5",
 }
 
 
