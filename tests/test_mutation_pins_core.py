@@ -1,0 +1,129 @@
+"""Behaviours of the core modules that mutation testing (issue #17, benchmarks/mutation.py) found unpinned: the POLE
+objective's masking, layouts and loss plumbing, the CAM-network objective's per-pair words, with hand-made inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pole_hf.objective import PoleObjective, masked_images, pairs_from_cams, pairs_from_lists
+
+# --- objective: masked_images -------------------------------------------------------------------------------------
+
+
+def test_masked_images_resizes_pixels_with_half_pixel_centres():
+    # a 1x2 image [0, 4] resized to 1x4 with align_corners=False: [0, 1, 3, 4] (corners aligned would give 4/3, 8/3)
+    pixels = torch.tensor([0.0, 4.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2).contiguous()
+    fg, bg = masked_images(pixels, torch.ones(1, 1, 2), size=(1, 4))
+    torch.testing.assert_close(fg[0, 0, 0], torch.tensor([0.0, 1.0, 3.0, 4.0]))
+    torch.testing.assert_close(bg, torch.zeros(1, 3, 1, 4))
+
+
+def test_masked_images_clamps_maps_and_resizes_them_to_the_image():
+    pixels = torch.full((1, 3, 2, 4), 2.0)
+    # a 1x2 map [-1, 3] clamped to [0, 1] after the bilinear resize to 2x4: [-1, 0, 2, 3] -> [0, 0, 1, 1]
+    fg, bg = masked_images(pixels, torch.tensor([[[-1.0, 3.0]]]))
+    torch.testing.assert_close(fg[0, :, 1], torch.tensor([0.0, 0.0, 2.0, 2.0]).expand(3, 4))
+    torch.testing.assert_close(bg[0, :, 0], torch.tensor([2.0, 2.0, 0.0, 0.0]).expand(3, 4))
+
+
+def test_masked_images_detaches_the_maps_unless_asked():
+    pixels = torch.ones(1, 3, 2, 2)
+    maps = torch.full((1, 2, 2), 0.25, requires_grad=True)
+    fg, bg = masked_images(pixels, maps)
+    assert not fg.requires_grad and not bg.requires_grad
+    fg, bg = masked_images(pixels, maps, detach=False)
+    (fg.sum() + 2 * bg.sum()).backward()
+    # d/dm of (m x + 2 (1 - m) x) with x = 1 over 3 channels: 3 * (1 - 2) = -3
+    torch.testing.assert_close(maps.grad, torch.full((1, 2, 2), -3.0))
+
+
+def test_masked_images_keep_the_pixels_dtype():
+    # bfloat16 pixels (mixed precision) with float32 maps and Python-float mean/std: the images stay bfloat16
+    pixels = torch.zeros(1, 3, 2, 2, dtype=torch.bfloat16)
+    maps = torch.full((1, 2, 2), 0.5, dtype=torch.float32)
+    for fg, bg in (masked_images(pixels, maps), masked_images(pixels, maps, image_mean=[0.5] * 3,
+                                                              image_std=[0.25] * 3)):
+        assert fg.dtype == bg.dtype == torch.bfloat16
+    # pixel space: x = 0 is the mean colour 0.5; half of it, renormalised: (0.25 - 0.5) / 0.25 = -1
+    torch.testing.assert_close(fg.float(), torch.full((1, 3, 2, 2), -1.0))
+
+
+# --- objective: pairs ---------------------------------------------------------------------------------------------
+
+
+def test_pairs_from_cams_reads_each_rows_image():
+    cams = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 2, 2)  # image i's map is all i
+    maps, images, classes = pairs_from_cams(cams, torch.tensor([[4], [-1], [2]]))
+    assert images.tolist() == [0, 2] and classes.tolist() == [4, 2]
+    torch.testing.assert_close(maps[:, 0, 0], torch.tensor([0.0, 2.0]))
+
+
+def test_pairs_from_lists_takes_2d_maps_and_images_without_labels():
+    maps, images, classes = pairs_from_lists([torch.ones(3, 5), torch.zeros(0, 3, 5), torch.zeros(2, 3, 5)],
+                                             [[1], [], [0, 2]])
+    assert maps.shape == (3, 3, 5)
+    assert images.tolist() == [0, 2, 2] and classes.tolist() == [1, 0, 2]
+    assert classes.dtype == images.dtype == torch.long  # an empty label list must not turn the classes float
+
+
+# --- objective: losses and forward ------------------------------------------------------------------------------
+
+
+def test_losses_use_the_objectives_clamp():
+    # scores 0.05 (foreground) and 0.95 (background): inside CLIMS's clamp, outside (0.1, 0.9)
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # class 0, then one background prompt
+    fg = torch.tensor([[0.05, math.sqrt(1 - 0.05 ** 2)]])
+    bg = torch.tensor([[0.95, math.sqrt(1 - 0.95 ** 2)]])
+    out = PoleObjective(clamp=(0.1, 0.9), cbs_threshold=0.5).losses(fg, bg, text, torch.tensor([0]), 1)
+    assert out.otm.item() == pytest.approx(-math.log(0.1), rel=1e-5)
+    assert out.btm.item() == pytest.approx(-math.log(1 - 0.9), rel=1e-5)
+    # fg . background = 0.9987 > 0.5: clamped to 0.9
+    assert out.cbs.item() == pytest.approx(-math.log(1 - 0.9), rel=1e-5) and out.cbs_pairs.item() == 1
+
+
+def test_losses_without_background_prompts_or_pairs():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)  # two classes, no background prompt
+    fg = torch.tensor([[0.6, 0.8]], requires_grad=True)
+    out = PoleObjective().losses(fg, fg, text, torch.tensor([1]), 2)
+    assert out.cbs.item() == 0.0 and out.cbs_pairs.item() == 0 and out.cbs_pairs.dtype == torch.long
+    assert out.loss.item() == pytest.approx(10 * -math.log(0.8) + 25 * -math.log(0.2), rel=1e-5)
+    empty = torch.zeros(0, 2, requires_grad=True)
+    out = PoleObjective().losses(empty, empty, text, torch.zeros(0, dtype=torch.long), 1)
+    for value in (out.loss, out.otm, out.btm, out.cbs):
+        assert value.shape == () and value.item() == 0.0
+    assert out.fg_scores.shape == out.bg_scores.shape == (0,)
+    assert out.cbs_pairs.shape == () and out.cbs_pairs.item() == 0 and out.cbs_pairs.dtype == torch.long
+    out.loss.backward()  # the zero loss stays in the graph of the prompts (a training step can call backward)
+    torch.testing.assert_close(text.grad, torch.zeros(2, 2))
+
+
+def test_forward_with_one_map_per_image_weighs_the_terms_by_default(tiny_model):
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    out = PoleObjective()(tiny_model, pixels, torch.rand(2, 4, 4), [0, 2])  # P == N: no image_indices
+    assert out.fg_scores.shape == (2,)
+    torch.testing.assert_close(out.loss, 10 * out.otm + 25 * out.btm + out.cbs)
+    as_float = PoleObjective()(tiny_model, pixels, torch.rand(2, 4, 4), torch.tensor([0.0, 2.0]))
+    assert torch.isfinite(as_float.loss)  # float class indices are read as indices
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
+        PoleObjective()(tiny_model, pixels, torch.rand(2, 4, 4), [0, 3])
+
+
+def test_forward_passes_size_and_pixel_space_masking_on(tiny_model):
+    torch.manual_seed(0)
+    pixels, cams, classes = torch.randn(2, 3, 32, 32), torch.rand(2, 4, 4), torch.tensor([1, 0])
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
+    objective = PoleObjective()
+    with torch.no_grad():
+        out = objective(tiny_model, pixels, cams, classes, size=(16, 24), image_mean=mean, image_std=std)
+        fg, bg = masked_images(pixels, cams, size=(16, 24), image_mean=mean, image_std=std)
+        features = objective.image_features(tiny_model, torch.cat([fg, bg]))
+        text = tiny_model.get_text_features()
+        expected = objective.losses(features[:2], features[2:], text, classes, 3)
+        torch.testing.assert_close(out.fg_scores, expected.fg_scores)
+        torch.testing.assert_close(out.bg_scores, expected.bg_scores)
+        for other in ({"size": (16, 24)}, {"image_mean": mean, "image_std": std}):  # each argument matters
+            assert not torch.allclose(objective(tiny_model, pixels, cams, classes, **other).fg_scores, out.fg_scores)
