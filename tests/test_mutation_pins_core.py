@@ -69,6 +69,12 @@ def test_pairs_from_lists_takes_2d_maps_and_images_without_labels():
     assert classes.dtype == images.dtype == torch.long  # an empty label list must not turn the classes float
 
 
+def test_pairs_from_lists_of_no_images_is_no_pairs():
+    maps, images, classes = pairs_from_lists([], [])  # raised from torch.cat before
+    assert maps.shape[0] == images.numel() == classes.numel() == 0
+    assert images.dtype == classes.dtype == torch.long
+
+
 # --- objective: losses and forward ------------------------------------------------------------------------------
 
 
