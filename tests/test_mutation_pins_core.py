@@ -51,6 +51,14 @@ def test_masked_images_keep_the_pixels_dtype():
     torch.testing.assert_close(fg.float(), torch.full((1, 3, 2, 2), -1.0))
 
 
+def test_masked_images_follow_the_pixels_device():
+    # the meta device stands in for a GPU: maps, mean and std given on the CPU must move to the pixels' device
+    pixels = torch.zeros(2, 3, 8, 8, device="meta")
+    fg, bg = masked_images(pixels, torch.rand(3, 4, 4), [0, 1, 1], size=(6, 6), image_mean=[0.5] * 3,
+                           image_std=[0.2] * 3)
+    assert fg.device.type == bg.device.type == "meta" and fg.shape == bg.shape == (3, 3, 6, 6)
+
+
 # --- objective: pairs ---------------------------------------------------------------------------------------------
 
 
@@ -114,6 +122,8 @@ def test_forward_with_one_map_per_image_weighs_the_terms_by_default(tiny_model):
     torch.testing.assert_close(out.loss, 10 * out.otm + 25 * out.btm + out.cbs)
     as_float = PoleObjective()(tiny_model, pixels, torch.rand(2, 4, 4), torch.tensor([0.0, 2.0]))
     assert torch.isfinite(as_float.loss)  # float class indices are read as indices
+    same = PoleObjective()(tiny_model, pixels, torch.rand(2, 4, 4), [2, 2])  # one class for every map
+    assert same.fg_scores.shape == (2,)
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
         PoleObjective()(tiny_model, pixels, torch.rand(2, 4, 4), [0, 3])
 
