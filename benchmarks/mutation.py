@@ -122,7 +122,54 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.data.spec.x_load_dataset_spec__mutmut_68": "as mutmut_62 (the kind string changed)",
     "pole_hf.masks.x_crf_image__mutmut_32": "np.mod of the float trunc is an integer in [0, 256): the uint8 cast "
                                             "agrees with the int64 route",
-}
+    "pole_hf.objective.x_masked_images__mutmut_14": "pixels are [N, 3, H, W]: shape[2:] is shape[-2:]",
+    "pole_hf.objective.x_masked_images__mutmut_15": "(3, H, W) never equals size: the resize then runs at the same "
+                                                    "size too, an exact identity",
+    "pole_hf.objective.x_masked_images__mutmut_22": "align_corners=None is bilinear's default, False",
+    "pole_hf.objective.x_masked_images__mutmut_26": "as mutmut_22 (argument removed)",
+    "pole_hf.objective.x_masked_images__mutmut_38": "maps are [P, 1, h, w]: shape[2:] is shape[-2:]",
+    "pole_hf.objective.x_masked_images__mutmut_39": "as mutmut_15, for the maps ((1, h, w) never equals (H, W): a "
+                                                    "same-size resize)",
+    "pole_hf.objective.x_masked_images__mutmut_42": "as mutmut_14",
+    "pole_hf.objective.x_masked_images__mutmut_43": "as mutmut_39 ((3, H, W) never equals (h, w): a same-size resize)",
+    "pole_hf.objective.x_masked_images__mutmut_48": "as mutmut_22, for the maps",
+    "pole_hf.objective.x_masked_images__mutmut_52": "as mutmut_22, for the maps (argument removed)",
+    "pole_hf.objective.x_masked_images__mutmut_53": "as mutmut_14 (the resize target)",
+    "pole_hf.objective.x_masked_images__mutmut_66": "a CPU index selects from a tensor on any device (the index's "
+                                                    "device is moot)",
+    "pole_hf.objective.x_masked_images__mutmut_80": "a [3, 1, 1] mean broadcasts against [P, 3, H, W] as [1, 3, 1, 1] "
+                                                    "does",
+    "pole_hf.objective.x_masked_images__mutmut_100": "as mutmut_80, for std",
+    "pole_hf.objective.x_pairs_from_lists__mutmut_26": "torch.full infers int64 from an int fill value: dtype=long is "
+                                                       "the default",
+    "pole_hf.objective.x_pairs_from_lists__mutmut_29": "as mutmut_26 (argument removed)",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_8": "the empty path: fg has no rows, fg.sum() is 0 whatever its "
+                                                          "sign or factor",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_12": "as mutmut_8",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_36": "as masked_images mutmut_66 (a CPU index selects on any "
+                                                           "device)",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_40": "features are [P, D]: sum(1) is sum(-1)",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_45": "as mutmut_40",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_58": "no background prompts: fg @ background.t() is [P, 0], "
+                                                           "whose CBS sum and count are 0, as the branch's",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_47": "the no-pairs features: losses' empty path reads only "
+                                                            "their row count, 0",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_49": "the no-pairs features: losses' empty path reads only "
+                                                            "their row count, 0",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_50": "the no-pairs features: losses' empty path reads only "
+                                                            "their row count, 0",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_54": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_55": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_56": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_60": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_61": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_62": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",}
 
 
 def module_prefix(module: str) -> str:
