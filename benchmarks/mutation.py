@@ -169,7 +169,38 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_61": "the no-pairs path: losses returns zeros before reading "
                                                             "class_indices, num_classes or pair_share",
     "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_62": "the no-pairs path: losses returns zeros before reading "
-                                                            "class_indices, num_classes or pair_share",}
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.cam_network_objective.x_word_text_features__mutmut_11": "torch.cat's default dim is 0",
+    "pole_hf.cam_network_objective.x_word_text_features__mutmut_40": "prefix is [T, D]: shape[1] is shape[-1]",
+    "pole_hf.cam_network_objective.x_word_text_features__mutmut_66": "features are [N, D]: F.normalize's default dim=1 "
+                                                                     "is dim=-1",
+    "pole_hf.cam_network_objective.x_word_text_features__mutmut_67": "as mutmut_66",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_15": "detach=None is falsy as False: the maps "
+                                                                              "stay in the graph either way",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_42": "the word bank and the background come "
+                                                                              "from the same text model and adapter: "
+                                                                              "one dtype",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_45": "torch.tensor of Python ints is int64; "
+                                                                              "an empty list (float) only reaches "
+                                                                              "losses' empty path, which does not read "
+                                                                              "it",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_48": "as mutmut_45 (argument removed)",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_46": "losses moves class_indices to the "
+                                                                              "text's device itself",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_49": "as mutmut_46 (argument removed)",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_59": "the no-pairs features have no rows: "
+                                                                              "adding or subtracting 0 * sum changes "
+                                                                              "nothing",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_68": "as mutmut_59: * 1.0 is broadcast onto "
+                                                                              "no element (the gradient stays 0)",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_63": "the no-pairs features: losses' empty "
+                                                                              "path reads only their row count, 0",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_65": "as mutmut_63",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_66": "as mutmut_63",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_72": "the no-pairs path: losses returns zeros "
+                                                                              "before reading class_indices or "
+                                                                              "num_classes",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_73": "as mutmut_72",}
 
 
 def module_prefix(module: str) -> str:

@@ -143,3 +143,124 @@ def test_forward_passes_size_and_pixel_space_masking_on(tiny_model):
         torch.testing.assert_close(out.bg_scores, expected.bg_scores)
         for other in ({"size": (16, 24)}, {"image_mean": mean, "image_std": std}):  # each argument matters
             assert not torch.allclose(objective(tiny_model, pixels, cams, classes, **other).fg_scores, out.fg_scores)
+
+
+# --- cam_network_objective ----------------------------------------------------------------------------------------
+
+CLASSES = ["cat", "dog", "sofa"]
+
+
+def word_model(tiny_clip_dir, **options):
+    from pole_hf import PolePromptModel
+
+    options = {"template": "a photo of {}.", "learn_context": True, **options}
+    return PolePromptModel.from_clip(tiny_clip_dir, class_names=CLASSES, background_words=["sky", "grass"], **options)
+
+
+def test_pair_maps_pick_each_pairs_map_on_the_maps_device():
+    from pole_hf.cam_network_objective import pair_maps
+
+    maps = torch.arange(2 * 3, dtype=torch.float32).view(2, 3, 1, 1)  # image i, class c: 3 i + c
+    picked, images, classes = pair_maps(maps, [[2, 0], [1]])
+    assert picked.flatten().tolist() == [2.0, 0.0, 4.0]
+    assert images.tolist() == [0, 0, 1] and classes.tolist() == [2, 0, 1]
+    _, images, classes = pair_maps(maps.to("meta"), [[2, 0], [1]])  # meta stands in for a GPU
+    assert images.device.type == classes.device.type == "meta"
+
+
+def test_word_features_of_words_of_unequal_lengths_are_the_plain_sentences(tiny_clip_dir, tiny_clip, tiny_tokenizer):
+    from helpers import sentence_features
+
+    from pole_hf.cam_network_objective import word_text_features
+
+    model = word_model(tiny_clip_dir, learn_context=False)
+    words = ["cat", "dining table", "a potted green plant"]
+    assert len({len(tiny_tokenizer(w, add_special_tokens=False).input_ids) for w in words}) == 3
+    with torch.no_grad():
+        features = word_text_features(model, words)
+    expected = sentence_features(tiny_clip, tiny_tokenizer, [f"a photo of {w}." for w in words])
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_word_features_go_through_a_changed_context_the_adapter_and_a_half_precision_clip(tiny_clip_dir):
+    from pole_hf.cam_network_objective import word_text_features
+
+    model = word_model(tiny_clip_dir, use_adapters=True)
+    with torch.no_grad():
+        model.prompt_learner.context.add_(0.5 * torch.randn_like(model.prompt_learner.context))
+        torch.testing.assert_close(word_text_features(model, CLASSES), model.get_text_features()[:3], atol=1e-5,
+                                   rtol=1e-4)
+        model.clip.to(torch.bfloat16)  # the learned context and the adapters stay float32
+        assert model.prompt_learner.context.dtype == torch.float32
+        torch.testing.assert_close(word_text_features(model, CLASSES).float(), model.get_text_features()[:3].float())
+
+
+def test_word_features_take_a_prompt_of_exactly_the_text_models_length(tiny_clip_dir):
+    from pole_hf.cam_network_objective import word_text_features
+    from pole_hf.prompt_learner import tokenize_word
+
+    model = word_model(tiny_clip_dir)
+    learner = model.prompt_learner
+    room = model.max_text_length - (1 + len(learner.context)) - len(learner.suffix_ids)
+    assert len(tokenize_word(model.tokenizer, "cat")) == 1
+    with torch.no_grad():
+        features = word_text_features(model, ["cat " * room, "dog"])  # the longest row fills the text model
+    assert features.shape[0] == 2 and torch.isfinite(features).all()
+    with pytest.raises(ValueError, match="longer than the text model's"):
+        word_text_features(model, ["cat " * (room + 1)])
+
+
+def clims_losses_by_hand(model, objective, maps, pixels, labels, text, classes, num_classes):
+    from pole_hf.cam_network_objective import pair_maps
+
+    picked, images, _ = pair_maps(maps, labels)
+    size = (model.clip.config.vision_config.image_size,) * 2
+    fg, bg = masked_images(pixels, picked, images, size=size)
+    features = objective.objective.image_features(model, torch.cat([fg, bg]))
+    return PoleObjective(cbs_threshold=0.0).losses(features[: len(fg)], features[len(fg):], text, classes,
+                                                   num_classes)
+
+
+def test_cam_network_losses_equal_the_pole_losses_of_the_resized_masked_images(tiny_clip_dir):
+    from pole_hf.cam_network_objective import CamNetworkObjective
+
+    model = word_model(tiny_clip_dir)
+    torch.manual_seed(0)
+    pixels, maps, labels = torch.rand(2, 3, 48, 40), torch.rand(2, 3, 6, 5), [[0, 2], [1]]
+    objective = CamNetworkObjective(cbs_threshold=0.0)
+    with torch.no_grad():
+        text = model.get_text_features()
+        out = objective(model, maps, pixels, labels)
+        expected = clims_losses_by_hand(model, objective, maps, pixels, labels, text, torch.tensor([0, 2, 1]), 3)
+        for name in ("loss", "otm", "btm", "cbs", "fg_scores", "bg_scores", "cbs_pairs"):
+            torch.testing.assert_close(getattr(out, name), getattr(expected, name))
+        # per-pair words: the bank holds each distinct word once ("dog" twice), classes re-indexed into it
+        words = [["dog", "sofa"], ["dog"]]
+        out = objective(model, maps, pixels, labels, words)
+        from pole_hf.cam_network_objective import word_text_features
+
+        bank = torch.cat([word_text_features(model, ["dog", "sofa"]), text[3:]])
+        expected = clims_losses_by_hand(model, objective, maps, pixels, labels, bank, torch.tensor([0, 1, 0]), 2)
+        for name in ("loss", "otm", "btm", "cbs", "fg_scores", "bg_scores", "cbs_pairs"):
+            torch.testing.assert_close(getattr(out, name), getattr(expected, name))
+        assert out.cbs_pairs.item() == 3 * 2  # threshold 0: every (pair, background prompt) above, none of the bank
+        single = objective(model, maps, pixels, [[1], []])  # exactly one pair
+        assert single.fg_scores.shape == (1,) and single.loss.item() > 0
+        explicit = objective(model, maps, pixels, labels, clip_size=(32, 32))
+        torch.testing.assert_close(objective(model, maps, pixels, labels).loss, explicit.loss)
+        other = objective(model, maps, pixels, labels, clip_size=(16, 16))
+        assert not torch.isclose(other.loss, explicit.loss)
+
+
+@pytest.mark.parametrize("words", [None, [[], []]], ids=["class-prompts", "pair-words"])
+def test_cam_network_batch_without_labels_gives_a_zero_loss_with_zero_gradients(tiny_clip_dir, words):
+    from pole_hf.cam_network_objective import CamNetworkObjective
+
+    model = word_model(tiny_clip_dir)
+    maps = torch.rand(2, 3, 6, 5, requires_grad=True)
+    out = CamNetworkObjective()(model, maps, torch.rand(2, 3, 48, 40), [[], []], words)
+    assert out.loss.item() == 0.0 and out.fg_scores.shape == (0,) and out.cbs_pairs.item() == 0
+    out.loss.backward()
+    torch.testing.assert_close(maps.grad, torch.zeros_like(maps))
+    # every learning part is in the graph (a zero gradient, not none: distributed training needs them all)
+    torch.testing.assert_close(model.prompt_learner.context.grad, torch.zeros_like(model.prompt_learner.context))
