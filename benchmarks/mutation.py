@@ -200,7 +200,8 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_72": "the no-pairs path: losses returns zeros "
                                                                               "before reading class_indices or "
                                                                               "num_classes",
-    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_73": "as mutmut_72",}
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_73": "as mutmut_72",
+}
 
 
 def module_prefix(module: str) -> str:
