@@ -140,9 +140,11 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.objective.x_masked_images__mutmut_80": "a [3, 1, 1] mean broadcasts against [P, 3, H, W] as [1, 3, 1, 1] "
                                                     "does",
     "pole_hf.objective.x_masked_images__mutmut_100": "as mutmut_80, for std",
-    "pole_hf.objective.x_pairs_from_lists__mutmut_26": "torch.full infers int64 from an int fill value: dtype=long is "
+    "pole_hf.objective.x_pairs_from_lists__mutmut_30": "no images: any [0, h, w] tensor is no maps",
+    "pole_hf.objective.x_pairs_from_lists__mutmut_31": "as mutmut_30",
+    "pole_hf.objective.x_pairs_from_lists__mutmut_46": "torch.full infers int64 from an int fill value: dtype=long is "
                                                        "the default",
-    "pole_hf.objective.x_pairs_from_lists__mutmut_29": "as mutmut_26 (argument removed)",
+    "pole_hf.objective.x_pairs_from_lists__mutmut_49": "as mutmut_46 (argument removed)",
     "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_8": "the empty path: fg has no rows, fg.sum() is 0 whatever its "
                                                           "sign or factor",
     "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_12": "as mutmut_8",

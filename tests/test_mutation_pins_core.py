@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pole_hf.objective import PoleObjective, masked_images, pairs_from_cams, pairs_from_lists
+from pole_hf.objective import PoleObjective, check_pairs, masked_images, pairs_from_cams, pairs_from_lists
 
 # --- objective: masked_images -------------------------------------------------------------------------------------
 
@@ -80,6 +80,7 @@ def test_pairs_from_lists_takes_2d_maps_and_images_without_labels():
 def test_pairs_from_lists_of_no_images_is_no_pairs():
     maps, images, classes = pairs_from_lists([], [])  # raised from torch.cat before
     assert maps.shape[0] == images.numel() == classes.numel() == 0
+    check_pairs(maps, 0, images)  # [P, h, w] maps: the layout the objective takes
     assert images.dtype == classes.dtype == torch.long
 
 
