@@ -265,3 +265,185 @@ def test_cam_network_batch_without_labels_gives_a_zero_loss_with_zero_gradients(
     torch.testing.assert_close(maps.grad, torch.zeros_like(maps))
     # every learning part is in the graph (a zero gradient, not none: distributed training needs them all)
     torch.testing.assert_close(model.prompt_learner.context.grad, torch.zeros_like(model.prompt_learner.context))
+
+
+# --- data/voc -----------------------------------------------------------------------------------------------------
+
+
+def split_folder(root, *names):
+    folder = root / "ImageSets" / "Segmentation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("x\n")
+    return folder
+
+
+def test_voc_split_file_picks_the_split_and_the_aug_list(tmp_path):
+    from pole_hf.data.voc import _split_file
+
+    folder = split_folder(tmp_path, "train.txt", "val.txt", "train_aug.txt", "notes.md")
+    assert _split_file(str(tmp_path), "train", False) == str(folder / "train.txt")
+    assert _split_file(str(tmp_path), "train", True) == str(folder / "train_aug.txt")
+    assert _split_file(str(tmp_path), "val", True) == str(folder / "val.txt")  # only train has an aug list
+    # the devkit's other place for the SBD list, used when ImageSets/Segmentation has none
+    (folder / "train_aug.txt").unlink()
+    other = tmp_path / "ImageSets" / "SegmentationAug"
+    other.mkdir()
+    (other / "train_aug.txt").write_text("x\n")
+    assert _split_file(str(tmp_path), "train", True) == str(other / "train_aug.txt")
+    (folder / "train_aug.txt").write_text("x\n")  # both: ImageSets/Segmentation first
+    assert _split_file(str(tmp_path), "train", True) == str(folder / "train_aug.txt")
+
+
+def test_voc_split_file_errors_name_the_missing_file_and_the_splits(tmp_path):
+    from pole_hf.data.voc import _split_file
+
+    with pytest.raises(FileNotFoundError, match="VOC split folder not found"):
+        _split_file(str(tmp_path), "train", False)
+    folder = split_folder(tmp_path, "val.txt", "trainval.txt", "readme.md")
+    with pytest.raises(FileNotFoundError, match=r"use one of the splits \['trainval', 'val'\]"):
+        _split_file(str(tmp_path), "test", False)
+    (folder / "train_aug.txt").mkdir()  # a folder of that name is no list
+    with pytest.raises(FileNotFoundError, match="use_aug=True needs"):
+        _split_file(str(tmp_path), "train", True)
+
+
+def test_voc_read_ids_skips_blank_lines_and_reads_the_path_form(tmp_path):
+    from pole_hf.data.voc import _read_ids
+
+    path = tmp_path / "ids.txt"
+    path.write_text("2007_000032\n\n   \n  2007_000039  \n/JPEGImages/2008_000002.jpg /SegmentationClassAug/2008_000002.png\n")
+    assert _read_ids(str(path)) == ["2007_000032", "2007_000039", "2008_000002"]
+
+
+def test_voc_read_labels_sorted_unique_stripped_and_only_object_names(tmp_path):
+    from pole_hf.data.voc import _read_labels
+
+    path = tmp_path / "a.xml"
+    path.write_text("<annotation><filename>a.jpg</filename>"
+                    "<object><name> dog </name><part><name>hand</name></part></object>"
+                    "<object><name>cat</name><difficult>1</difficult></object>"
+                    "<object><name>dog</name></object></annotation>")
+    assert _read_labels(str(path), {"cat": 0, "dog": 2, "person": 1}) == [0, 2]
+    path.write_text("<annotation><object><name></name></object></annotation>")
+    with pytest.raises(ValueError, match="Label '' in"):
+        _read_labels(str(path), {"cat": 0})
+    path.write_text("<annotation><object>")
+    with pytest.raises(ValueError, match="not valid XML"):
+        _read_labels(str(path), {"cat": 0})
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        _read_labels(str(tmp_path / "b.xml"), {"cat": 0})
+
+
+@pytest.mark.parametrize("mode", ["P", "L"])
+def test_voc_labels_from_mask_reads_values_one_to_num_classes(tmp_path, mode):
+    import numpy as np
+    from PIL import Image
+
+    from pole_hf.data.voc import _labels_from_mask
+
+    values = np.array([[0, 1, 3, 255], [4, 5, 3, 1]], dtype=np.uint8)  # 0 background, 255 ignore, 5 > 4 classes
+    image = Image.fromarray(values, mode="L")
+    if mode == "P":
+        image = image.convert("P")
+        image.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
+        assert np.array_equal(np.asarray(image), values)
+    image.save(tmp_path / "m.png")
+    assert _labels_from_mask(str(tmp_path / "m.png"), 4) == [0, 2, 3]
+
+
+def test_voc_root_is_the_folder_with_images_else_its_voc2012(tmp_path, monkeypatch):
+    from pole_hf.data.voc import _find_voc_root
+
+    devkit = tmp_path / "VOCdevkit"
+    (devkit / "VOC2012" / "JPEGImages").mkdir(parents=True)
+    assert _find_voc_root(str(devkit)) == str(devkit / "VOC2012")
+    assert _find_voc_root(devkit / "VOC2012") == str(devkit / "VOC2012")  # a PathLike
+    (devkit / "JPEGImages").mkdir()  # images here: this is the root, whatever lies below
+    assert _find_voc_root(str(devkit)) == str(devkit)
+    (tmp_path / "empty").mkdir()
+    assert _find_voc_root(str(tmp_path / "empty")) == str(tmp_path / "empty")  # neither: load_voc names the gap
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _find_voc_root("~/VOCdevkit/VOC2012") == str(devkit / "VOC2012")
+    with pytest.raises(FileNotFoundError, match="VOC root not found"):
+        _find_voc_root(str(tmp_path / "nowhere"))
+
+
+# --- prompt_learner -----------------------------------------------------------------------------------------------
+
+
+def test_init_class_vectors_keep_short_words_and_average_long_ones_in_contiguous_groups():
+    from pole_hf.prompt_learner import init_class_vectors
+
+    embeds = torch.arange(5.0)[:, None].expand(5, 2)  # token i: [i, i]
+    vectors, used = init_class_vectors(embeds, 2)  # 5 tokens in 2 slots: groups (0, 1, 2) and (3, 4)
+    assert used == 2 and vectors[:, 0].tolist() == [1.0, 3.5]
+    vectors, used = init_class_vectors(embeds[:2], 4)  # 2 tokens in 4 slots: their own, then zeros
+    assert used == 2 and vectors[:, 1].tolist() == [0.0, 1.0, 0.0, 0.0]
+    vectors, used = init_class_vectors(embeds[:3], 3)
+    assert used == 3 and vectors[:, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_pad_id_rows_pads_with_the_given_id():
+    from pole_hf.prompt_learner import pad_id_rows
+
+    ids, lengths = pad_id_rows([[1, 2, 3], [4], []], 9, "cpu")
+    assert ids.tolist() == [[1, 2, 3], [4, 9, 9], [9, 9, 9]] and lengths.tolist() == [3, 1, 0]
+    assert ids.dtype == lengths.dtype == torch.long
+    ids, lengths = pad_id_rows([], 9, "cpu")
+    assert ids.shape == (0, 0) and lengths.shape == (0,) and lengths.dtype == torch.long
+    ids, lengths = pad_id_rows([[5]], 0, "meta")  # meta stands in for a GPU
+    assert ids.device.type == lengths.device.type == "meta"
+
+
+def test_pole_adapter_mixes_the_mlp_and_the_input_by_the_ratio():
+    from pole_hf.prompt_learner import PoleAdapter
+
+    adapter = PoleAdapter(2)  # hidden max(1, 2 // 4) = 1
+    assert adapter.fc[0].weight.shape == (1, 2) and adapter.ratio.tolist() == pytest.approx([0.2, 0.2])
+    assert PoleAdapter(8).fc[0].weight.shape == (2, 8) and PoleAdapter(8, reduction=2).fc[0].weight.shape == (4, 8)
+    assert PoleAdapter(8, ratio=0.5).ratio.tolist() == [0.5] * 8
+    with torch.no_grad():
+        adapter.fc[0].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        adapter.fc[2].weight.copy_(torch.tensor([[2.0], [-3.0]]))
+        adapter.ratio.copy_(torch.tensor([0.25, 0.5]))
+    # f = [3, 1]: A(f) = relu([2, -3] * relu(3 - 1)) = [4, 0]; f' = r A(f) + (1 - r) f = [1 + 2.25, 0 + 0.5]
+    torch.testing.assert_close(adapter(torch.tensor([[3.0, 1.0]])), torch.tensor([[3.25, 0.5]]))
+    half = adapter(torch.tensor([[3.0, 1.0]], dtype=torch.bfloat16))  # float32 adapter on bfloat16 features
+    assert half.dtype == torch.bfloat16 and half.float().tolist() == [[3.25, 0.5]]
+
+
+def test_tokenize_template_and_word(tiny_tokenizer):
+    from pole_hf.prompt_learner import tokenize_template, tokenize_word
+
+    bos, eos = tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
+    words = tiny_tokenizer("a photo of", add_special_tokens=False).input_ids
+    dot = tiny_tokenizer(".", add_special_tokens=False).input_ids
+    assert tokenize_template(tiny_tokenizer, "a photo of {}.") == ([bos, *words], [*dot, eos])
+    assert tokenize_template(tiny_tokenizer, " {} ") == ([bos], [eos])
+    assert tokenize_template(tiny_tokenizer, "{}.") == ([bos], [*dot, eos])
+    assert tokenize_template(tiny_tokenizer, "a photo of {}") == ([bos, *words], [eos])
+    cat = tiny_tokenizer("cat", add_special_tokens=False).input_ids
+    assert tokenize_word(tiny_tokenizer, "  cat ") == cat
+    for empty in ("", "   "):
+        with pytest.raises(ValueError, match="has no tokens"):
+            tokenize_word(tiny_tokenizer, empty)
+
+
+def test_resize_class_tokens_keeps_the_leading_slots():
+    from pole_hf.prompt_learner import PolePromptLearner
+
+    learner = PolePromptLearner(2, None, 3, 1)
+    with torch.no_grad():
+        learner.class_tokens.copy_(torch.arange(6.0).view(2, 1, 3) + 1)
+    before = learner.class_tokens
+    learner.resize_class_tokens(1)
+    assert learner.class_tokens is before  # same size: the same parameter (optimizers keep it)
+    learner.resize_class_tokens(3)
+    assert learner.class_tokens.shape == (2, 3, 3) and learner.class_tokens.requires_grad
+    torch.testing.assert_close(learner.class_tokens[:, 0], before[:, 0])
+    assert learner.class_tokens[:, 1:].abs().sum() == 0
+    learner.class_tokens.requires_grad_(False)
+    learner.resize_class_tokens(2)
+    assert learner.class_tokens.shape == (2, 2, 3) and not learner.class_tokens.requires_grad
+    torch.testing.assert_close(learner.class_tokens[:, 0], before[:, 0])
