@@ -447,3 +447,80 @@ def test_resize_class_tokens_keeps_the_leading_slots():
     learner.resize_class_tokens(2)
     assert learner.class_tokens.shape == (2, 2, 3) and not learner.class_tokens.requires_grad
     torch.testing.assert_close(learner.class_tokens[:, 0], before[:, 0])
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
+
+def id_tensors(**changes):
+    tensors = {"prompt_learner.class_token_lengths": torch.tensor([1, 2]),
+               "prompt_learner.background_ids": torch.tensor([[1, 5, 2, 0], [1, 2, 0, 0]]),
+               "prompt_learner.background_lengths": torch.tensor([3, 2]),
+               "prompt_learner.prefix_ids": torch.tensor([1, 7]), "prompt_learner.suffix_ids": torch.tensor([2]),
+               "prompt_learner.class_tokens": torch.zeros(2, 2, 4)}
+    tensors.update({f"prompt_learner.{k}": v for k, v in changes.items()})
+    return tensors
+
+
+def check_ids(tensors, classes=("cat", "dog"), background=("sky", "sea")):
+    from types import SimpleNamespace
+
+    from pole_hf.loading import _check_id_tensors
+
+    _check_id_tensors(tensors, SimpleNamespace(class_names=list(classes), background_words=list(background)), "f")
+
+
+def test_id_tensor_checks_accept_the_boundaries():
+    check_ids(id_tensors())  # lengths 1 (the least), background lengths 2 (BOS, EOS) and up to the width
+    check_ids(id_tensors(background_lengths=torch.tensor([4, 2])))
+    check_ids(id_tensors(class_tail_lengths=torch.tensor([0, 3])))
+    check_ids(id_tensors(class_token_lengths=torch.zeros(0, dtype=torch.long)), classes=())  # no classes
+    check_ids(id_tensors(background_ids=torch.zeros(0, 4, dtype=torch.long),
+                         background_lengths=torch.zeros(0, dtype=torch.long)), background=())
+    check_ids(id_tensors(class_tail_lengths=torch.zeros(0, dtype=torch.long),
+                         class_token_lengths=torch.zeros(0, dtype=torch.long)), classes=())
+
+
+@pytest.mark.parametrize(("changes", "pattern"), [
+    ({"class_token_lengths": torch.tensor([1, 0])}, "class_token_lengths"),
+    ({"class_token_lengths": torch.tensor([[1, 1]])}, "class_token_lengths"),
+    ({"background_ids": torch.tensor([1, 2])}, "one row per background word"),
+    ({"background_ids": torch.ones(3, 4, dtype=torch.long)}, "one row per background word"),
+    ({"background_lengths": torch.tensor([3, 2, 2])}, "one row per background word"),
+    ({"background_lengths": torch.tensor([1, 2])}, r"lie in 2\.\.4"),
+    ({"background_lengths": torch.tensor([5, 2])}, r"lie in 2\.\.4"),
+    ({"prefix_ids": torch.zeros(0, dtype=torch.long)}, "prefix_ids must be a non-empty"),
+    ({"suffix_ids": torch.tensor([[2]])}, "suffix_ids must be a non-empty"),
+    ({"class_tail_lengths": torch.tensor([0, -1])}, "class_tail_lengths"),
+    ({"class_tail_lengths": torch.tensor([0])}, "class_tail_lengths"),
+    ({"context": torch.tensor([[0.0, float("-inf")]])}, "context holds NaN or Inf"),
+], ids=["length-0", "lengths-2d", "background-1d", "background-rows", "background-lengths-rows", "background-1",
+        "background-wide", "prefix-empty", "suffix-2d", "tail-negative", "tail-rows", "context-inf"])
+def test_id_tensor_checks_refuse(changes, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        check_ids(id_tensors(**changes))
+
+
+def test_check_base_matches_names_each_field():
+    from types import SimpleNamespace
+
+    from pole_hf.loading import check_base_matches
+
+    def clip(width=32, vocab=100, projection=16):
+        return SimpleNamespace(text_config=SimpleNamespace(hidden_size=width, vocab_size=vocab), projection_dim=projection)
+
+    check_base_matches(clip(), clip(), "here")
+    for changed, name in (({"width": 48}, "text width 32, but the base has 48"),
+                          ({"vocab": 99}, "vocabulary size 100, but the base has 99"),
+                          ({"projection": 8}, "projection dim 16, but the base has 8")):
+        with pytest.raises(ValueError, match=f"prompts in here were learned on a CLIP with {name}"):
+            check_base_matches(clip(), clip(**changed), "here")
+
+
+def test_prompt_state_dict_is_everything_but_clip(tiny_model):
+    from pole_hf.loading import prompt_state_dict
+
+    state = prompt_state_dict(tiny_model)
+    full = tiny_model.state_dict()
+    assert set(state) == {k for k in full if not k.startswith("clip.")} and "prompt_learner.class_tokens" in state
+    assert all(state[k] is full[k] or torch.equal(state[k], full[k]) for k in state)
