@@ -109,6 +109,9 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.selection.x_masked_pixel_values__mutmut_47": "a [3, 1, 1] mean broadcasts against [k, 3, h, w] as "
                                                           "[1, 3, 1, 1] does",
     "pole_hf.selection.x_masked_pixel_values__mutmut_64": "as mutmut_47, for std",
+    "pole_hf.prompt_learner.xǁPolePromptLearnerǁset_class_tail__mutmut_13": "the tail ids' padding is never read "
+                                                                            "(tail_embeds[index, :tail]); ids 0 "
+                                                                            "and 1 both lie in every vocabulary",
     "pole_hf.data.voc.x__read_ids__mutmut_7": "'UTF-8' and 'utf-8' name the same codec",
     "pole_hf.masks.x_crf_image__mutmut_21": "float64 instead of float32 for uint8 minus the Caffe mean: the results "
                                             "lie >= 0.008 from an integer, far beyond float32 error: trunc agrees",

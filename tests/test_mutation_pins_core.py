@@ -524,3 +524,15 @@ def test_prompt_state_dict_is_everything_but_clip(tiny_model):
     full = tiny_model.state_dict()
     assert set(state) == {k for k in full if not k.startswith("clip.")} and "prompt_learner.class_tokens" in state
     assert all(state[k] is full[k] or torch.equal(state[k], full[k]) for k in state)
+
+
+def test_set_class_tail_pads_the_other_rows():
+    from pole_hf.prompt_learner import PolePromptLearner
+
+    learner = PolePromptLearner(3, None, 4, 1, learnable_tokens="first")
+    learner.set_class_tail(1, [5, 6])
+    learner.set_class_tail(2, [7])
+    assert learner.class_tail_lengths.tolist() == [0, 2, 1]
+    assert [row[:n] for row, n in zip(learner.class_tail_ids.tolist(), [0, 2, 1])] == [[], [5, 6], [7]]
+    learner.set_class_tail(1, [])  # shorter again: the ids shrink to the longest tail
+    assert learner.class_tail_ids.shape == (3, 1) and learner.class_tail_lengths.tolist() == [0, 0, 1]
