@@ -536,3 +536,19 @@ def test_set_class_tail_pads_the_other_rows():
     assert [row[:n] for row, n in zip(learner.class_tail_ids.tolist(), [0, 2, 1])] == [[], [5, 6], [7]]
     learner.set_class_tail(1, [])  # shorter again: the ids shrink to the longest tail
     assert learner.class_tail_ids.shape == (3, 1) and learner.class_tail_lengths.tolist() == [0, 0, 1]
+
+
+def test_a_fixed_class_token_length_refuses_a_file_with_other_slots(tiny_clip_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pole_hf import PolePromptModel
+
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=CLASSES, background_words=["sky"],
+                                      class_token_length=2)
+    model.save_pretrained(tmp_path / "prompts")
+    file = tmp_path / "prompts" / "model.safetensors"
+    tensors = load_file(file)
+    tensors["prompt_learner.class_tokens"] = torch.zeros(3, 3, tensors["prompt_learner.class_tokens"].shape[-1])
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=r"class_tokens has shape \(3, 3, "):
+        PolePromptModel.from_pretrained(tmp_path / "prompts")
