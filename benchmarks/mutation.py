@@ -109,8 +109,10 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.selection.x_masked_pixel_values__mutmut_47": "a [3, 1, 1] mean broadcasts against [k, 3, h, w] as "
                                                           "[1, 3, 1, 1] does",
     "pole_hf.selection.x_masked_pixel_values__mutmut_64": "as mutmut_47, for std",
-    "pole_hf.data.voc.x__labels_from_mask__mutmut_8": "an 'L' mask then goes through convert('L'), a copy",
-    "pole_hf.data.voc.x__labels_from_mask__mutmut_9": "as mutmut_8 ('l' is no mode: 'L' masks are converted)",
+    "pole_hf.prompt_learner.xǁPolePromptLearnerǁset_class_tail__mutmut_13": "the tail ids' padding is never read "
+                                                                            "(tail_embeds[index, :tail]); ids 0 "
+                                                                            "and 1 both lie in every vocabulary",
+    "pole_hf.data.voc.x__read_ids__mutmut_7": "'UTF-8' and 'utf-8' name the same codec",
     "pole_hf.masks.x_crf_image__mutmut_21": "float64 instead of float32 for uint8 minus the Caffe mean: the results "
                                             "lie >= 0.008 from an integer, far beyond float32 error: trunc agrees",
     "pole_hf.data.spec.x__read__mutmut_2": "exif=None: load_image's `if exif:` reads None as False",
@@ -144,6 +146,87 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.modeling_pole_cam_network.x__keep_last_stage_resolution__mutmut_5": "any stride other than (1, 1) "
         "is set to (1, 1) either way; setting (1, 1) to (1, 1) is a no-op",
     "pole_hf.modeling_pole_cam_network.x__keep_last_stage_resolution__mutmut_6": "as mutmut_5",
+    "pole_hf.objective.x_masked_images__mutmut_14": "pixels are [N, 3, H, W]: shape[2:] is shape[-2:]",
+    "pole_hf.objective.x_masked_images__mutmut_15": "(3, H, W) never equals size: the resize then runs at the same "
+                                                    "size too, an exact identity",
+    "pole_hf.objective.x_masked_images__mutmut_22": "align_corners=None is bilinear's default, False",
+    "pole_hf.objective.x_masked_images__mutmut_26": "as mutmut_22 (argument removed)",
+    "pole_hf.objective.x_masked_images__mutmut_38": "maps are [P, 1, h, w]: shape[2:] is shape[-2:]",
+    "pole_hf.objective.x_masked_images__mutmut_39": "as mutmut_15, for the maps ((1, h, w) never equals (H, W): a "
+                                                    "same-size resize)",
+    "pole_hf.objective.x_masked_images__mutmut_42": "as mutmut_14",
+    "pole_hf.objective.x_masked_images__mutmut_43": "as mutmut_39 ((3, H, W) never equals (h, w): a same-size resize)",
+    "pole_hf.objective.x_masked_images__mutmut_48": "as mutmut_22, for the maps",
+    "pole_hf.objective.x_masked_images__mutmut_52": "as mutmut_22, for the maps (argument removed)",
+    "pole_hf.objective.x_masked_images__mutmut_53": "as mutmut_14 (the resize target)",
+    "pole_hf.objective.x_masked_images__mutmut_66": "a CPU index selects from a tensor on any device (the index's "
+                                                    "device is moot)",
+    "pole_hf.objective.x_masked_images__mutmut_80": "a [3, 1, 1] mean broadcasts against [P, 3, H, W] as [1, 3, 1, 1] "
+                                                    "does",
+    "pole_hf.objective.x_masked_images__mutmut_100": "as mutmut_80, for std",
+    "pole_hf.objective.x_pairs_from_lists__mutmut_30": "no images: any [0, h, w] tensor is no maps",
+    "pole_hf.objective.x_pairs_from_lists__mutmut_31": "as mutmut_30",
+    "pole_hf.objective.x_pairs_from_lists__mutmut_46": "torch.full infers int64 from an int fill value: dtype=long is "
+                                                       "the default",
+    "pole_hf.objective.x_pairs_from_lists__mutmut_49": "as mutmut_46 (argument removed)",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_8": "the empty path: fg has no rows, fg.sum() is 0 whatever its "
+                                                          "sign or factor",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_12": "as mutmut_8",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_36": "as masked_images mutmut_66 (a CPU index selects on any "
+                                                           "device)",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_40": "features are [P, D]: sum(1) is sum(-1)",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_45": "as mutmut_40",
+    "pole_hf.objective.xǁPoleObjectiveǁlosses__mutmut_58": "no background prompts: fg @ background.t() is [P, 0], "
+                                                           "whose CBS sum and count are 0, as the branch's",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_47": "the no-pairs features: losses' empty path reads only "
+                                                            "their row count, 0",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_49": "the no-pairs features: losses' empty path reads only "
+                                                            "their row count, 0",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_50": "the no-pairs features: losses' empty path reads only "
+                                                            "their row count, 0",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_54": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_55": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_56": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_60": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_61": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.objective.xǁPoleObjectiveǁforward__mutmut_62": "the no-pairs path: losses returns zeros before reading "
+                                                            "class_indices, num_classes or pair_share",
+    "pole_hf.cam_network_objective.x_word_text_features__mutmut_11": "torch.cat's default dim is 0",
+    "pole_hf.cam_network_objective.x_word_text_features__mutmut_40": "prefix is [T, D]: shape[1] is shape[-1]",
+    "pole_hf.cam_network_objective.x_word_text_features__mutmut_66": "features are [N, D]: F.normalize's default dim=1 "
+                                                                     "is dim=-1",
+    "pole_hf.cam_network_objective.x_word_text_features__mutmut_67": "as mutmut_66",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_15": "detach=None is falsy as False: the maps "
+                                                                              "stay in the graph either way",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_42": "the word bank and the background come "
+                                                                              "from the same text model and adapter: "
+                                                                              "one dtype",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_45": "torch.tensor of Python ints is int64; "
+                                                                              "an empty list (float) only reaches "
+                                                                              "losses' empty path, which does not read "
+                                                                              "it",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_48": "as mutmut_45 (argument removed)",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_46": "losses moves class_indices to the "
+                                                                              "text's device itself",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_49": "as mutmut_46 (argument removed)",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_59": "the no-pairs features have no rows: "
+                                                                              "adding or subtracting 0 * sum changes "
+                                                                              "nothing",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_68": "as mutmut_59: * 1.0 is broadcast onto "
+                                                                              "no element (the gradient stays 0)",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_63": "the no-pairs features: losses' empty "
+                                                                              "path reads only their row count, 0",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_65": "as mutmut_63",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_66": "as mutmut_63",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_72": "the no-pairs path: losses returns zeros "
+                                                                              "before reading class_indices or "
+                                                                              "num_classes",
+    "pole_hf.cam_network_objective.xǁCamNetworkObjectiveǁforward__mutmut_73": "as mutmut_72",
 }
 
 

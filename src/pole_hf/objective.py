@@ -114,8 +114,10 @@ def pairs_from_lists(cams: Sequence, class_indices: Sequence[Sequence[int]]
     for position, (m, c) in enumerate(zip(maps, classes)):
         if m.shape[0] != c.numel():
             raise ValueError(f"image {position} has {m.shape[0]} maps for {c.numel()} classes: one map per class")
+    if not maps:  # no images: no pairs (torch.cat refuses an empty list)
+        return torch.zeros(0, 0, 0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     index = torch.cat([torch.full((m.shape[0],), i, dtype=torch.long) for i, m in enumerate(maps)])
-    return torch.cat(maps), index, torch.cat(classes) if classes else torch.zeros(0, dtype=torch.long)
+    return torch.cat(maps), index, torch.cat(classes)
 
 
 def masked_images(pixel_values: torch.Tensor, cams, image_indices=None, size: tuple[int, int] | None = None,
