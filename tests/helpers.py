@@ -29,3 +29,25 @@ def fit_labels(model, pixels, labels, steps: int, lr: float = 0.05) -> list[floa
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def eager_attention(clip, pixels):
+    """Per block, the head-averaged attention probabilities of one image through HF's own (eager) layers, and
+    each block's input hidden states."""
+    layers = clip.vision_model.encoder.layers
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for layer in layers]
+    try:
+        with torch.no_grad():
+            clip.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    probs = []
+    for layer, hidden in zip(layers, inputs):
+        attn = layer.self_attn
+        normed = layer.layer_norm1(hidden)[0]
+        q = attn.q_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
+        k = attn.k_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
+        probs.append(torch.softmax(q @ k.transpose(1, 2) * attn.scale, -1).mean(0))
+    return probs, inputs

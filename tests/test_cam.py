@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import eager_attention
 from PIL import Image
 
 from pole_hf import image_cams
@@ -260,22 +261,8 @@ def test_caa_attention_from_the_forward_equals_a_second_pass(tiny_model):
     clip = tiny_model.clip
     clip.set_attn_implementation("eager")  # the engine's explicit attention, op for op
     layers = clip.vision_model.encoder.layers
-    inputs = []
-    hooks = [layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for layer in layers]
     pixels = torch.randn(1, 3, 40, 48)
-    try:
-        with torch.no_grad():
-            clip.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    probs = []
-    for layer, hidden in zip(layers, inputs):
-        attn = layer.self_attn
-        normed = layer.layer_norm1(hidden)[0]
-        q = attn.q_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
-        k = attn.k_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
-        probs.append(torch.softmax(q @ k.transpose(1, 2) * attn.scale, -1).mean(0))
+    probs, inputs = eager_attention(clip, pixels)
     # the blocks before the last: their outputs and their attention, from one pass
     hidden, attention = vision_prefix(clip.vision_model, pixels, caa_layers=len(layers), position_embedding="bicubic")
     torch.testing.assert_close(hidden, inputs[-1], atol=1e-6, rtol=0)

@@ -5,6 +5,7 @@ processor and the two CAM models. Hand computations on tiny tensors, round trips
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import eager_attention
 
 from pole_hf.cam import gradcam, padded_targets, resolve_targets
 
@@ -107,34 +108,13 @@ def test_gradcam_refuses_a_width_off_the_patch_grid(tiny_model):
         gradcam(tiny_model, torch.randn(1, 3, 36, 32), [[0]])
 
 
-def eager_attention(clip, pixels):
-    """Per block, the head-averaged attention probabilities of one image through HF's own (eager) layers."""
-    layers = clip.vision_model.encoder.layers
-    inputs = []
-    hooks = [layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for layer in layers]
-    try:
-        with torch.no_grad():
-            clip.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    probs = []
-    for layer, hidden in zip(layers, inputs):
-        attn = layer.self_attn
-        normed = layer.layer_norm1(hidden)[0]
-        q = attn.q_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
-        k = attn.k_proj(normed).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
-        probs.append(torch.softmax(q @ k.transpose(1, 2) * attn.scale, -1).mean(0))
-    return probs
-
-
 @pytest.mark.parametrize("caa_layers", [1, 2, 5])
 def test_caa_uses_the_last_caa_layers_blocks(tiny_model, caa_layers):
     from pole_hf.caa import affinity_from_attention, refine_with_affinity
 
     torch.manual_seed(5)
     pixels = torch.randn(1, 3, 32, 40)
-    probs = eager_attention(tiny_model.clip, pixels)  # the tiny CLIP has 2 blocks: 5 means both
+    probs, _ = eager_attention(tiny_model.clip, pixels)  # the tiny CLIP has 2 blocks: 5 means both
     raw = gradcam(tiny_model, pixels, [[0, 2]], position_embedding="bicubic").cams[0]
     refined = gradcam(tiny_model, pixels, [[0, 2]], refine=True, caa_layers=caa_layers,
                       position_embedding="bicubic").cams[0]
