@@ -97,11 +97,6 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.caa.x_transition_from_attention__mutmut_12": "a dim-0 sum without keepdim broadcasts as a row: the "
                                                           "same column division",
     "pole_hf.caa.x_transition_from_attention__mutmut_14": "as mutmut_12 (keepdim=False)",
-    "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_4": "np.errstate is dead code: np.maximum(totals, 1) "
-                                                                "never divides by zero",
-    "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_5": "as mutmut_4",
-    "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_6": "as mutmut_4",
-    "pole_hf.evaluation.xǁConfusionMatrixǁprecision__mutmut_7": "as mutmut_4",
     "pole_hf.masks.x_crf_image__mutmut_16": "np.array copies by default: copy=True removed changes nothing",
     "pole_hf.masks.x_crf_image__mutmut_18": "numpy reads order='c' as 'C'",
     "pole_hf.selection.x_masked_pixel_values__mutmut_32": "align_corners=None is bilinear's default, False",

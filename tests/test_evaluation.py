@@ -130,6 +130,51 @@ def test_bad_labels_and_settings_raise():
         ConfusionMatrix(3).as_table(["x"])
 
 
+def test_errors_name_the_array_that_holds_the_bad_label():
+    with pytest.raises(ValueError, match=r"^pred holds label 7 "):
+        ConfusionMatrix(3).update(np.array([7]), np.array([0]))
+    with pytest.raises(ValueError, match=r"^target holds label 5 "):
+        ConfusionMatrix(3).update(np.array([0]), np.array([5]))
+
+
+def test_unlabelled_predictions_accumulate_over_updates_and_classes():
+    # class 0's pixels are left unlabelled in two images: the second update adds to the first
+    counted = ConfusionMatrix(3, count_ignored_predictions=True)
+    counted.update(np.array([255, 1, 2]), np.array([0, 1, 2]))
+    counted.update(np.array([255, 0]), np.array([0, 0]))
+    np.testing.assert_array_equal(counted.unlabelled, [2, 0, 0])
+    # class 0: 1 right of 3 target pixels; classes 1 and 2 are untouched by class 0's unlabelled pixels
+    np.testing.assert_allclose(counted.class_accuracy(), [1 / 3, 1.0, 1.0])
+    np.testing.assert_allclose(counted.iou(), [1 / 3, 1.0, 1.0])
+    assert counted.coverage() == pytest.approx(3 / 5) and counted.pixel_accuracy() == pytest.approx(3 / 5)
+
+
+def test_class_accuracy_is_nan_for_classes_absent_from_the_targets():
+    matrix = ConfusionMatrix(3).update(np.array([0, 2, 2]), np.array([0, 0, 1]))
+    # class 2 is predicted but never a target: no recall, zero precision
+    np.testing.assert_allclose(matrix.class_accuracy(), [1 / 2, 0.0, np.nan], equal_nan=True)
+    np.testing.assert_allclose(matrix.precision(), [1.0, np.nan, 0.0], equal_nan=True)
+
+
+def test_uint8_masks_of_many_classes_do_not_overflow():
+    # 21 classes: target 20 * 21 + pred 20 = 440 does not fit the masks' uint8
+    target = np.array([[20, 20, 13, 0]], dtype=np.uint8)
+    pred = np.array([[20, 13, 13, 0]], dtype=np.uint8)
+    matrix = ConfusionMatrix(21).update(pred, target)
+    assert matrix.matrix[20, 20] == 1 and matrix.matrix[20, 13] == 1 and matrix.matrix[13, 13] == 1
+    assert matrix.matrix.sum() == 4
+
+
+def test_empty_matrix_scores_are_nan_without_warnings():
+    import warnings
+
+    matrix = ConfusionMatrix(3).update(np.full((2, 2), 255), np.full((2, 2), 255))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(matrix.miou()) and np.isnan(matrix.pixel_accuracy()) and np.isnan(matrix.coverage())
+        assert np.isnan(matrix.iou()).all() and np.isnan(matrix.class_accuracy()).all()
+
+
 def test_evaluate_masks_streams_pairs():
     rng = np.random.default_rng(0)
     pairs = [(rng.integers(0, 3, (6, 5)), rng.integers(0, 3, (6, 5))) for _ in range(4)]

@@ -117,6 +117,23 @@ def test_bad_inputs_raise_clear_errors():
         scores_to_mask(np.zeros((2, 3, 3)), [1, 2])
 
 
+def test_scores_to_mask_checks_its_class_ids_and_background():
+    scores = np.zeros((2, 3, 3), np.float32)
+    for bad in (0, 255):  # background and ignore are no class ids
+        with pytest.raises(ValueError, match=f"class id {bad} is out of range"):
+            scores_to_mask(scores, [bad])
+    scores[0, 2, 2] = np.nan  # NaN only in the background channel
+    with pytest.raises(ValueError, match="background scores contain NaN"):
+        scores_to_mask(scores, [3])
+
+
+def test_scores_to_mask_keeps_float64_precision():
+    # a float64 score 1e-12 above the background wins; a float32 cast would tie it and give background
+    scores = np.full((2, 1, 2), 0.5)
+    scores[1, 0, 1] += 1e-12
+    np.testing.assert_array_equal(scores_to_mask(scores, [7]), [[0, 7]])
+
+
 def test_palette_is_the_voc_colour_map():
     assert len(VOC_PALETTE) == 768
     colours = np.array(VOC_PALETTE).reshape(256, 3)

@@ -154,6 +154,14 @@ def test_default_and_user_candidates(tiny_clip_dir, tiny_model):
         resolve_candidates(tiny_model, {"cat": []})
 
 
+def test_every_voc_class_gets_the_voc_synonyms():
+    # all 20 VOC names (not only a subset of them) take POLE's synonym lists
+    from pole_hf.vocab import VOC_CLASSES
+
+    model = SimpleNamespace(config=SimpleNamespace(class_names=list(VOC_CLASSES), class_words=list(VOC_CLASSES)))
+    assert resolve_candidates(model) == {n: VOC_SYNONYMS[n] for n in VOC_CLASSES}
+
+
 def test_single_candidates_need_no_images(tiny_model):
     # one candidate per class: chosen without CAMs, without even loading the image
     items = [("/nonexistent/image.jpg", ["cat", "sofa"])]

@@ -6,6 +6,7 @@ Partial results of several processes add up with `merge`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 
@@ -65,8 +66,8 @@ class ConfusionMatrix:
         Returns:
             `self`, for chaining.
         """
-        pred = np.asarray(pred).astype(np.int64, copy=False)
-        target = np.asarray(target).astype(np.int64, copy=False)
+        pred = np.asarray(pred, dtype=np.int64)
+        target = np.asarray(target, dtype=np.int64)
         if pred.shape != target.shape:
             raise ValueError(
                 f"pred shape {pred.shape} differs from target shape {target.shape}; resize one to the other"
@@ -110,38 +111,35 @@ class ConfusionMatrix:
         Returns:
             Float64 array `[num_classes]`; NaN for classes absent from both targets and predictions.
         """
-        true_positive = np.diag(self.matrix).astype(np.float64)
+        true_positive = np.diag(self.matrix)
         union = self._target_totals() + self.matrix.sum(axis=0) - true_positive
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(union > 0, true_positive / np.maximum(union, 1), np.nan)
+        return np.where(union > 0, true_positive / np.maximum(union, 1), np.nan)
 
     def miou(self) -> float:
         """Mean IoU over the classes present in targets or predictions (NaN if nothing was counted)."""
         values = self.iou()
-        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
 
     def class_accuracy(self) -> np.ndarray:
         """Per-class recall: correct pixels over target pixels (NaN for classes absent from the targets)."""
         totals = self._target_totals()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(totals > 0, np.diag(self.matrix) / np.maximum(totals, 1), np.nan)
+        return np.where(totals > 0, np.diag(self.matrix) / np.maximum(totals, 1), np.nan)
 
     def precision(self) -> np.ndarray:
         """Per-class precision: correct pixels over predicted pixels (NaN for classes never predicted)."""
         totals = self.matrix.sum(axis=0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(totals > 0, np.diag(self.matrix) / np.maximum(totals, 1), np.nan)
+        return np.where(totals > 0, np.diag(self.matrix) / np.maximum(totals, 1), np.nan)
 
     def pixel_accuracy(self) -> float:
         """Fraction of counted target pixels predicted right (NaN if nothing was counted)."""
         total = int(self._target_totals().sum())
-        return float(np.trace(self.matrix) / total) if total else float("nan")
+        return float(np.trace(self.matrix) / total) if total else math.nan
 
     def coverage(self) -> float:
         """Fraction of non-ignored target pixels that received a label (i.e. not `ignore_index`) in the prediction."""
         labelled = int(self.matrix.sum())
         total = labelled + int(self.unlabelled.sum())
-        return float(labelled / total) if total else float("nan")
+        return float(labelled / total) if total else math.nan
 
     def as_table(self, class_names: Sequence[str] | None = None) -> str:
         """Renders per-class IoU, precision and recall (in %) as a markdown table, with the mean as its last row.

@@ -109,7 +109,7 @@ def class_scores(cams: np.ndarray, rule: BackgroundRule = DEFAULT_BACKGROUND) ->
         Float32 array `[k + 1, H, W]`; channel 0 is background, channel `i` is `cams[i - 1]`.
     """
     cams = _check_cams(cams)
-    return np.concatenate([rule.score(cams)[None], cams], axis=0)
+    return np.concatenate([rule.score(cams)[None], cams])
 
 
 def scores_to_mask(scores: np.ndarray, class_ids: Sequence[int], ignore_below: float | None = None) -> np.ndarray:
@@ -123,7 +123,7 @@ def scores_to_mask(scores: np.ndarray, class_ids: Sequence[int], ignore_below: f
     Returns:
         Uint8 mask `[H, W]` with values in `{0, *class_ids, 255}`.
     """
-    scores = np.asarray(scores, dtype=np.float32)
+    scores = np.asarray(scores)
     if scores.ndim != 3 or scores.shape[0] != len(class_ids) + 1:
         raise ValueError(
             f"scores must have shape [len(class_ids) + 1, H, W] = [{len(class_ids) + 1}, H, W], got {scores.shape}"

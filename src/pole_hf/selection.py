@@ -228,7 +228,7 @@ def masked_pixel_values(image: Image.Image, cams: torch.Tensor, size: tuple[int,
     the CAMs ``[k, H, W]`` (any size) resized (bilinear) and clipped to [0, 1], ``cam * image`` in [0, 1] pixel
     space (the rest turns black), normalised with the processor's mean and std (`pole_hf.objective.masked_images`).
     """
-    maps = torch.as_tensor(cams, dtype=torch.float32).detach().cpu()
+    maps = torch.as_tensor(cams).detach().cpu()
     if maps.ndim != 3:
         raise ValueError(f"CAMs of one image must have shape [k, H, W], got {tuple(maps.shape)}")
     pixels = processor.pixel_values(image, size)
