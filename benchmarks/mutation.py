@@ -99,11 +99,9 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.caa.x_transition_from_attention__mutmut_14": "as mutmut_12 (keepdim=False)",
     "pole_hf.masks.x_crf_image__mutmut_16": "np.array copies by default: copy=True removed changes nothing",
     "pole_hf.masks.x_crf_image__mutmut_18": "numpy reads order='c' as 'C'",
-    "pole_hf.selection.x_masked_pixel_values__mutmut_32": "align_corners=None is bilinear's default, False",
-    "pole_hf.selection.x_masked_pixel_values__mutmut_36": "as mutmut_32 (argument removed)",
-    "pole_hf.selection.x_masked_pixel_values__mutmut_47": "a [3, 1, 1] mean broadcasts against [k, 3, h, w] as "
-                                                          "[1, 3, 1, 1] does",
-    "pole_hf.selection.x_masked_pixel_values__mutmut_64": "as mutmut_47, for std",
+    "pole_hf.selection.x_masked_pixel_values__mutmut_21": "dtype=None for the all-zero image indices: "
+                                                          "check_pairs casts them to long",
+    "pole_hf.selection.x_masked_pixel_values__mutmut_23": "as mutmut_21 (argument removed)",
     "pole_hf.prompt_learner.xǁPolePromptLearnerǁset_class_tail__mutmut_13": "the tail ids' padding is never read "
                                                                             "(tail_embeds[index, :tail]); ids 0 "
                                                                             "and 1 both lie in every vocabulary",

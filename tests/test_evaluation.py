@@ -276,3 +276,12 @@ def test_metric_loads_by_path_without_network(monkeypatch):
         predictions=[np.array([[0, 1]])], references=[np.array([[0, 1]])], num_labels=2, ignore_index=255
     )
     assert result["mean_iou"] == 1.0
+
+
+def test_float_labels_count_only_when_whole_numbers():
+    whole = ConfusionMatrix(3).update(np.array([0.0, 2.0, 1.0]), np.array([0, 2, 2]))
+    assert whole.matrix.tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
+    with pytest.raises(ValueError, match=r"pred holds non-integer labels such as 1\.5"):
+        ConfusionMatrix(3).update(np.array([0.0, 1.5]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="target holds non-integer"):
+        ConfusionMatrix(3).update(np.array([0, 1]), np.array([0.25, 1.0]))

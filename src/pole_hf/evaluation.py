@@ -47,6 +47,15 @@ class ConfusionMatrix:
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
         self.unlabelled = np.zeros(num_classes, dtype=np.int64)  # target pixels per class predicted as ignore_index
 
+    @staticmethod
+    def _as_labels(labels, name: str) -> np.ndarray:
+        """int64 labels; float arrays only when every value is a whole number (no silent truncation)."""
+        array = np.asarray(labels)
+        if array.dtype.kind == "f" and not np.array_equal(array, np.trunc(array)):
+            raise ValueError(f"{name} holds non-integer labels such as {array[array != np.trunc(array)].flat[0]}; "
+                             "give class ids (argmax the scores first)")
+        return np.asarray(array, dtype=np.int64)
+
     def _check_labels(self, labels: np.ndarray, name: str) -> None:
         valid = labels[labels != self.ignore_index]
         if valid.size and (valid.min() < 0 or valid.max() >= self.num_classes):
@@ -66,8 +75,7 @@ class ConfusionMatrix:
         Returns:
             `self`, for chaining.
         """
-        pred = np.asarray(pred, dtype=np.int64)
-        target = np.asarray(target, dtype=np.int64)
+        pred, target = self._as_labels(pred, "pred"), self._as_labels(target, "target")
         if pred.shape != target.shape:
             raise ValueError(
                 f"pred shape {pred.shape} differs from target shape {target.shape}; resize one to the other"
