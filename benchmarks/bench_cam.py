@@ -103,17 +103,16 @@ def reference_grid_cams(model, pixels: torch.Tensor, class_indices) -> torch.Ten
 
 
 def last_block_forward(model, hidden):
-    """f of the time breakdown: the last block and head as the engine runs them (q/k/v without autograd), no backward."""
+    """f of the time breakdown: the last block and head as the engine runs them (no autograd), no backward."""
     from pole_hf import _clip_internals as internals
+    from pole_hf._last_block_backward import last_block_forward as block_forward
 
     vision = model.clip.vision_model
     with torch.no_grad():
         text = model.get_text_features()
-        _, projections = internals.last_block_projections(vision, hidden)
-    with torch.enable_grad():
-        leaves = [p.requires_grad_(True) for p in projections]
-        tokens = internals.last_block_from_projections(vision, hidden, *leaves)
-        features = F.normalize(model.image_features_from_tokens(tokens), dim=-1)
+        tokens = block_forward(vision, hidden).tokens
+        pooled = internals.pool_tokens(model.clip, tokens, model.config.image_feature)
+        features = F.normalize(model.image_features_from_pooled(pooled), dim=-1)
         return model.get_logit_scale() * features @ text.t()
 
 
@@ -131,7 +130,7 @@ def make_jobs(model, pixels):
     jobs = {"forward": ("vision forward (no grad)", "-", torch.no_grad()(lambda: model.get_image_features(pixels))),
             "prefix": (f"engine prefix: blocks 1-{len(vision.encoder.layers) - 1} (no grad)", "-",
                        lambda: vision_prefix(vision, pixels))}
-    jobs["last_fwd"] = ("engine last block + head, grad mode (no backward)", "-",
+    jobs["last_fwd"] = ("engine last block + head (no backward)", "-",
                         lambda: last_block_forward(model, hidden))
     for k in COUNTS:
         classes = list(CLASS_ORDER[:k])

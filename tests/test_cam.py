@@ -284,3 +284,49 @@ def test_refinement_without_the_squared_affinity_is_the_same():
     expected = refine_with_affinity(cams, affinity_from_attention(attention))
     torch.testing.assert_close(refine_with_transition(cams, transition_from_attention(attention)), expected,
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["patch_mean", "pooled"])
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_written_out_backward_equals_autograd_through_the_last_block(tiny_model, kind, activation):
+    """GradCAM weights (mean over patch tokens of the gradient at layer_norm1's output) of several images and
+    cotangents at once, against autograd through transformers' own last layer and the head."""
+    from transformers.activations import ACT2FN
+
+    from pole_hf._clip_internals import pool_tokens
+    from pole_hf._last_block_backward import gradcam_weights, last_block_forward
+
+    clip = tiny_model.clip
+    vision = clip.vision_model
+    layer = vision.encoder.layers[-1]
+    saved = layer.mlp.activation_fn
+    layer.mlp.activation_fn = ACT2FN[activation]
+    try:
+        torch.manual_seed(3)
+        hidden, _ = vision_prefix(vision, torch.randn(2, 3, 40, 56))
+        cotangents = torch.randn(3, 2, vision.config.hidden_size)
+        state = last_block_forward(vision, hidden)
+        weights, probs = gradcam_weights(vision, state, cotangents, kind, attention=True)
+        store = {}
+
+        def leaf_hook(module, inputs, output):
+            store["act"] = output.detach().requires_grad_(True)
+            return store["act"]
+
+        hook = layer.layer_norm1.register_forward_hook(leaf_hook)
+        try:
+            with torch.enable_grad():
+                tokens = layer(hidden, None)
+                pooled = pool_tokens(clip, tokens, kind)
+                expected = torch.stack([torch.autograd.grad(pooled, store["act"], g, retain_graph=True)[0][:, 1:]
+                                        .mean(1) for g in cotangents])
+        finally:
+            hook.remove()
+        torch.testing.assert_close(state.tokens, tokens.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(weights, expected, atol=1e-6, rtol=1e-4)
+        assert weights.abs().amax() > 1e-3  # not a trivially zero gradient
+        attn = layer.self_attn
+        heads = [x.view(2, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (state.q, state.k)]
+        torch.testing.assert_close(probs, (heads[0] @ heads[1].transpose(-1, -2) * attn.scale).softmax(-1).mean(1))
+    finally:
+        layer.mlp.activation_fn = saved

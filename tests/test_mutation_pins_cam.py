@@ -351,6 +351,7 @@ def test_internals_rebuild_the_vision_forward_of_a_three_block_clip(tiny_clip):
     from transformers import CLIPVisionModel
 
     from pole_hf import _clip_internals as internals
+    from pole_hf._last_block_backward import attention_backward, last_block_forward
 
     config = tiny_clip.config.vision_config.__class__(**{**tiny_clip.config.vision_config.to_dict(),
                                                          "num_hidden_layers": 3})
@@ -358,19 +359,17 @@ def test_internals_rebuild_the_vision_forward_of_a_three_block_clip(tiny_clip):
     vision = CLIPVisionModel(config).eval()  # what CLIPModel.vision_model is
     pixels = torch.randn(2, 3, 24, 32)
     expected = vision(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+    attn = vision.encoder.layers[2].self_attn
     for caa_layers in (0, 2, 3):
         hidden, attention = internals.vision_prefix(vision, pixels, caa_layers, "bicubic")
-        _, (q, k, v) = internals.last_block_projections(vision, hidden)
-        tokens = internals.last_block_from_projections(vision, hidden, q, k, v)
-        torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=0)
+        state = last_block_forward(vision, hidden)
+        torch.testing.assert_close(state.tokens, expected, atol=1e-5, rtol=0)
         assert (attention is None) == (caa_layers == 0)
-    # the last block's own attention: softmax(q k^T * scale) averaged over the heads, rows summing to 1
-    probs = internals.last_block_probs(vision, q, k)
-    attn = vision.encoder.layers[2].self_attn
-    heads = [x.view(2, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (q, k)]
+    # the last block's own attention, from the backward's head loop: softmax(q k^T * scale) averaged over the heads
+    _, probs = attention_backward(attn, state, torch.zeros(1, *state.q.shape), attention=True)
+    heads = [x.view(2, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (state.q, state.k)]
     torch.testing.assert_close(probs, (heads[0] @ heads[1].transpose(-1, -2) * attn.scale).softmax(-1).mean(1))
-    assert [w.data_ptr() for w in internals.qkv_weights(vision)] == [
-        p.weight.data_ptr() for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert attention_backward(attn, state, torch.zeros(1, *state.q.shape), attention=False)[1] is None
 
 
 def test_vision_tokens_and_image_head_defaults(tiny_model):

@@ -2,7 +2,8 @@
 position embeddings, the head, and the text tower fed with embeddings instead of ids.
 
 Everything else in pole_hf calls these functions or CLIP's public API, so a change of `CLIPVisionTransformer`,
-`CLIPEncoderLayer`, `CLIPAttention` or `CLIPTextTransformer` in transformers is mended here alone. Attributes used:
+`CLIPEncoderLayer`, `CLIPAttention` or `CLIPTextTransformer` in transformers is mended here alone (and in
+`_last_block_backward`, GradCAM's written-out backward through the last block, which reads the same attributes). Attributes used:
 `vision_model.{embeddings.{patch_embedding, class_embedding, position_embedding}, pre_layrnorm, encoder.layers,
 post_layernorm}`, `layer.{layer_norm1, self_attn.{q_proj, k_proj, v_proj, out_proj, num_heads, head_dim, scale},
 layer_norm2, mlp}`, `visual_projection`, `text_model.{embeddings.{token_embedding, position_embedding}, encoder.layers,
@@ -125,52 +126,24 @@ def last_block(vision: nn.Module) -> nn.Module:
     return vision.encoder.layers[-1]
 
 
-@torch.no_grad()
-def last_block_projections(vision: nn.Module, hidden: torch.Tensor):
-    """The last block's ``layer_norm1`` output (GradCAM's activations, ``[B, T, D]``) and its q, k, v projections."""
-    layer = last_block(vision)
-    attn = layer.self_attn
-    target = layer.layer_norm1(hidden)
-    return target, [proj(target) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
-
-
-def last_block_from_projections(vision: nn.Module, hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                                v: torch.Tensor) -> torch.Tensor:
-    """The last block's output tokens from its input `hidden` and q, k, v ``[B, T, D]`` (differentiable in q, k, v;
-    fused attention keeps autograd lean)."""
-    layer = last_block(vision)
-    attn = layer.self_attn
-    heads = [split_heads(x, attn) for x in (q, k, v)]
-    mixed = F.scaled_dot_product_attention(*heads, scale=attn.scale).transpose(1, 2).reshape(hidden.shape)
-    attended = hidden + attn.out_proj(mixed)
-    return attended + layer.mlp(layer.layer_norm2(attended))
-
-
-def last_block_probs(vision: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The last block's head-averaged attention probabilities ``[B, T, T]`` from its q, k ``[B, T, D]``."""
-    attn = last_block(vision).self_attn
-    q, k = split_heads(q.detach(), attn), split_heads(k.detach(), attn)
-    return attention_and_probs(attn, q, k, k, output=False)[1]
-
-
-def qkv_weights(vision: nn.Module) -> list[torch.Tensor]:
-    """The last block's q, k, v projection matrices ``[D, D]`` (to carry gradients back to the activations)."""
-    attn = last_block(vision).self_attn
-    return [proj.weight for proj in (attn.q_proj, attn.k_proj, attn.v_proj)]
-
-
-def image_head(clip: nn.Module, tokens: torch.Tensor, kind: str = "patch_mean") -> torch.Tensor:
-    """Projected (not normalised) image features from the vision encoder's last block output ``[N, 1 + HW, width]``.
+def pool_tokens(clip: nn.Module, tokens: torch.Tensor, kind: str = "patch_mean") -> torch.Tensor:
+    """The pooled, post-layernormed state ``[N, width]`` of the vision encoder's last block output
+    ``[N, 1 + HW, width]``, before the projection.
 
     Args:
-        kind: ``"patch_mean"`` (CLIP-ES: post-layernorm on every token, mean over patch tokens, projection) or
-            ``"pooled"`` (post-layernorm of the class token, projection; CLIP's own feature).
+        kind: ``"patch_mean"`` (CLIP-ES: post-layernorm on every token, mean over patch tokens) or ``"pooled"``
+            (post-layernorm of the class token; CLIP's own feature).
     """
     if kind not in IMAGE_FEATURES:
         raise ValueError(f"image feature must be one of {IMAGE_FEATURES}, got {kind!r}")
     post = clip.vision_model.post_layernorm
-    pooled = post(tokens[:, 1:]).mean(dim=1) if kind == "patch_mean" else post(tokens[:, 0])
-    return clip.visual_projection(pooled)
+    return post(tokens[:, 1:]).mean(dim=1) if kind == "patch_mean" else post(tokens[:, 0])
+
+
+def image_head(clip: nn.Module, tokens: torch.Tensor, kind: str = "patch_mean") -> torch.Tensor:
+    """Projected (not normalised) image features from the vision encoder's last block output ``[N, 1 + HW, width]``
+    (`kind` as in [`pool_tokens`])."""
+    return clip.visual_projection(pool_tokens(clip, tokens, kind))
 
 
 def vision_output_tokens(clip: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

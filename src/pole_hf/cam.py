@@ -1,10 +1,10 @@
 """GradCAM over CLIP ViT tokens for the class prompts (CLIP-ES's method), batched over images and their classes,
 with class-aware attention affinity (CAA) refinement. [`PolePromptModel.get_cams`] and its `forward` call it.
 
-One forward per batch: the blocks before the last run without autograd (the CAA blocks hand their attention
-probabilities out of that same pass); only the last block is differentiated, and the gradients of every image's
-targets come from one batched backward: cotangent `j` selects the `j`-th target of every image at once (images do
-not interact in a ViT, so this equals one backward per image and class).
+One forward per batch, without autograd (the CAA blocks hand their attention probabilities out of that same pass);
+autograd runs only from the pooled feature to the scores, and the backward through the last block is written out
+(`_last_block_backward`), batched over every image and target: slot `j` holds the `j`-th target of every image
+(images do not interact in a ViT, so this equals one backward per image and class).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 from . import _clip_internals as internals
+from ._last_block_backward import gradcam_weights, last_block_forward
 from .caa import BOX_THRESHOLD, minmax, refine_with_transition, transition_from_attention
 
 CAA_LAYERS = 8
@@ -125,13 +126,13 @@ def gradcam(model, pixel_values: torch.Tensor, class_indices: Sequence | None = 
         text = model.get_text_features()
         hidden, attention = internals.vision_prefix(vision, pixel_values.to(model.clip.dtype), caa_layers,
                                                     position_embedding)
-        target, projections = internals.last_block_projections(vision, hidden)
+        state = last_block_forward(vision, hidden)
+        pooled = internals.pool_tokens(model.clip, state.tokens, model.config.image_feature)
     with torch.enable_grad():
-        # q, k, v are the gradient leaves: d/d(target) = dq Wq + dk Wk + dv Wv, and GradCAM only needs its mean over
-        # patch tokens, so the three [T, D] x [D, D] products per class shrink to [D] x [D, D]
-        leaves = [p.detach().requires_grad_(True) for p in projections]
-        tokens = internals.last_block_from_projections(vision, hidden, *leaves)
-        features = F.normalize(model.image_features_from_tokens(tokens), dim=-1)
+        # autograd only from the pooled feature on (projection, adapters, logits, softmax); the last block's backward
+        # is written out (`_last_block_backward`): most of it is shared by all targets
+        leaf = pooled.detach().requires_grad_(True)
+        features = F.normalize(model.image_features_from_pooled(leaf), dim=-1)
         logits = model.get_logit_scale() * features @ text.t().to(features.dtype)
         targets = resolve_targets(class_indices, logits.detach().float().softmax(-1)[:, :num_classes],
                                   model.config.prediction_threshold)
@@ -143,21 +144,19 @@ def gradcam(model, pixel_values: torch.Tensor, class_indices: Sequence | None = 
         allowed[torch.arange(batch, device=logits.device)[:, None].expand_as(classes)[valid], classes[valid]] = True
         probs = logits.float().masked_fill(~allowed, float("-inf")).softmax(-1)  # over each image's targets + bg
         picked = probs.gather(1, classes.clamp_min(0))  # [B, K]
-        grads = None
+        pooled_grads = None
         if slots:
             cotangents = torch.zeros(slots, batch, slots, dtype=picked.dtype, device=picked.device)
             cotangents[torch.arange(slots), :, torch.arange(slots)] = (classes >= 0).t().to(picked.dtype)
-            grads = torch.autograd.grad(picked, leaves, grad_outputs=cotangents, is_grads_batched=True)
-    if grads is None:
-        cams = target.new_zeros(batch, 0, grid_h, grid_w).float()
+            (pooled_grads,) = torch.autograd.grad(picked, leaf, grad_outputs=cotangents, is_grads_batched=True)
+    if pooled_grads is None:
+        cams = state.target.new_zeros(batch, 0, grid_h, grid_w).float()
     else:
-        weights = sum(grad[:, :, 1:].float().mean(2) @ weight.float()  # [K, B, D]
-                      for grad, weight in zip(grads, internals.qkv_weights(vision)))
-        maps = torch.relu(torch.einsum("kbd,bnd->bkn", weights, target[:, 1:].float()))
+        weights, last = gradcam_weights(vision, state, pooled_grads, model.config.image_feature, attention=refine)
+        maps = torch.relu(torch.einsum("kbd,bnd->bkn", weights, state.target[:, 1:].float()))
         cams = minmax(minmax(maps.reshape(batch * slots, grid_h, grid_w)))  # twice, as CLIP-ES (layer, then mean)
         cams = cams.view(batch, slots, grid_h, grid_w)
         if refine:
-            last = internals.last_block_probs(vision, leaves[0], leaves[1])
             attention = last if attention is None else attention + last
             cams = cams.clone()
             for row, chosen in enumerate(targets):

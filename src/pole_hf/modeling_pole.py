@@ -303,7 +303,13 @@ class PolePromptModel(PreTrainedModel):
                 projection) or `"pooled"` (post-layernorm of the class token, projection); default
                 `config.image_feature`. Adapters apply after; the result is not normalised.
         """
-        features = internals.image_head(self.clip, last_hidden_state, image_feature or self.config.image_feature)
+        pooled = internals.pool_tokens(self.clip, last_hidden_state, image_feature or self.config.image_feature)
+        return self.image_features_from_pooled(pooled)
+
+    def image_features_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Projected image features (adapters applied, not normalised) from the pooled post-layernorm state
+        ``[N, width]`` (`internals.pool_tokens`)."""
+        features = self.clip.visual_projection(pooled)
         if self.visual_adapter is not None:
             features = self.visual_adapter(features)
         return features
