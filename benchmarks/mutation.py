@@ -102,6 +102,29 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.selection.x_masked_pixel_values__mutmut_21": "dtype=None for the all-zero image indices: "
                                                           "check_pairs casts them to long",
     "pole_hf.selection.x_masked_pixel_values__mutmut_23": "as mutmut_21 (argument removed)",
+    "pole_hf.prompt_learner.x_init_class_vectors__mutmut_7": "n == length through the split branch: length groups of "
+                                                             "one token, each mean the token itself",
+    "pole_hf.prompt_learner.x_pad_id_rows__mutmut_10": "torch.full infers int64 from the integer pad id",
+    "pole_hf.prompt_learner.x_pad_id_rows__mutmut_14": "as mutmut_10 (argument removed)",
+    "pole_hf.prompt_learner.x_pad_id_rows__mutmut_19": "the row is written into a long tensor: the assignment casts it",
+    "pole_hf.prompt_learner.x_pad_id_rows__mutmut_21": "as mutmut_19 (argument removed)",
+    "pole_hf.prompt_learner.x_tokenize_template__mutmut_6": "the guard only skips a call: the tokenizer gives [] for "
+                                                            "an empty text",
+    "pole_hf.prompt_learner.x_tokenize_template__mutmut_14": "as mutmut_6, for the suffix",
+    "pole_hf.prompt_learner.xǁPolePromptLearnerǁclass_prompt_embeddings__mutmut_9": "torch.cat's default dim is 0",
+    "pole_hf.prompt_learner.xǁPolePromptLearnerǁclass_prompt_embeddings__mutmut_56": "shape[+1] of a 2-D [n, D] "
+                                                                                     "embedding is shape[-1]",
+    "pole_hf.prompt_learner.xǁPolePromptLearnerǁclass_prompt_embeddings__mutmut_62": "torch.cat's default dim is 0",
+    "pole_hf.loading.x_load_prompt_tensors__mutmut_33": "every id tensor's name has two parts "
+                                                        "(prompt_learner.<name>): [+1] is [-1]",
+    "pole_hf.loading.x_load_prompt_tensors__mutmut_104": "shape[+1] of the 2-D [C, L] tail ids is shape[-1]",
+    "pole_hf.loading.x_load_prompt_tensors__mutmut_130": "the context was just replaced by the file's tensor: copying "
+                                                         "it again copies the same values",
+    "pole_hf.loading.x_load_prompt_tensors__mutmut_131": "as mutmut_130",
+    "pole_hf.loading.x_load_prompt_tensors__mutmut_133": "copy_ casts to the parameter's dtype anyway",
+    "pole_hf.loading.x_load_prompt_tensors__mutmut_68": "only a file with zero class-token slots differs, and it is "
+                                                        "refused either way (the shape check or, under the mutant, "
+                                                        "the class_token_lengths check right after)",
     "pole_hf.prompt_learner.xǁPolePromptLearnerǁset_class_tail__mutmut_13": "the tail ids' padding is never read "
                                                                             "(tail_embeds[index, :tail]); ids 0 "
                                                                             "and 1 both lie in every vocabulary",

@@ -552,3 +552,79 @@ def test_a_fixed_class_token_length_refuses_a_file_with_other_slots(tiny_clip_di
     save_file(tensors, file)
     with pytest.raises(ValueError, match=r"class_tokens has shape \(3, 3, "):
         PolePromptModel.from_pretrained(tmp_path / "prompts")
+
+
+def saved_prompt_tensors(model, tmp_path):
+    from safetensors.torch import load_file
+
+    model.save_pretrained(tmp_path / "prompts")
+    return tmp_path / "prompts" / "model.safetensors", load_file(tmp_path / "prompts" / "model.safetensors")
+
+
+def test_prompt_ids_of_another_integer_dtype_load_as_long_and_float_or_bool_ids_are_refused(tiny_clip_dir,
+                                                                                             tmp_path):
+    from safetensors.torch import save_file
+
+    from pole_hf import PolePromptModel
+    from pole_hf.loading import load_prompt_tensors
+
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=CLASSES, background_words=["sky"])
+    file, tensors = saved_prompt_tensors(model, tmp_path)
+    save_file({k: v.to(torch.int32) if not v.is_floating_point() else v for k, v in tensors.items()}, file)
+    fresh = PolePromptModel.from_clip(tiny_clip_dir, class_names=CLASSES, background_words=["sky"])
+    load_prompt_tensors(fresh, str(file))
+    learner = fresh.prompt_learner
+    for name in ("prefix_ids", "suffix_ids", "class_token_lengths", "background_ids", "background_lengths"):
+        assert getattr(learner, name).dtype == torch.long, name
+        assert torch.equal(getattr(learner, name), tensors[f"prompt_learner.{name}"]), name
+    for dtype in (torch.float32, torch.bool):
+        save_file({**tensors, "prompt_learner.prefix_ids": tensors["prompt_learner.prefix_ids"].to(dtype)}, file)
+        with pytest.raises(ValueError, match=rf"prefix_ids has dtype {dtype}, expected integer token ids"):
+            load_prompt_tensors(fresh, str(file))
+
+
+def test_a_learned_context_takes_the_files_length(tiny_clip_dir, tmp_path):
+    """The context follows the file's template prefix, not the receiving model's."""
+    from pole_hf import PolePromptModel
+    from pole_hf.loading import load_prompt_tensors
+
+    short = PolePromptModel.from_clip(tiny_clip_dir, class_names=CLASSES, background_words=["sky"],
+                                      template="a {}.", learn_context=True)
+    with torch.no_grad():
+        short.prompt_learner.context.normal_()
+    file, tensors = saved_prompt_tensors(short, tmp_path)
+    long = PolePromptModel.from_clip(tiny_clip_dir, class_names=CLASSES, background_words=["sky"],
+                                     learn_context=True)
+    assert long.prompt_learner.context.shape[0] != short.prompt_learner.context.shape[0]
+    load_prompt_tensors(long, str(file))
+    assert torch.equal(long.prompt_learner.context, short.prompt_learner.context)
+    assert torch.equal(long.prompt_learner.prefix_ids, short.prompt_learner.prefix_ids)
+
+
+def test_loaded_prompt_tensors_land_on_the_models_device(tiny_clip_dir, tmp_path):
+    """Ids and context go where the class tokens live (the meta device stands in for a GPU)."""
+    from pole_hf import PolePromptModel
+    from pole_hf.loading import load_prompt_tensors
+
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=CLASSES, background_words=["sky"],
+                                      learn_context=True)
+    file, _ = saved_prompt_tensors(model, tmp_path)
+    model.prompt_learner.to("meta")
+    load_prompt_tensors(model, str(file))
+    learner = model.prompt_learner
+    assert learner.context.device.type == "meta" and learner.prefix_ids.device.type == "meta"
+    assert {getattr(learner, n).device.type for n in ("suffix_ids", "class_token_lengths", "background_ids")} == {
+        "meta"}
+
+
+def test_class_prompt_embeddings_of_untouched_words_are_the_sentences_tokens(tiny_model, tiny_tokenizer):
+    """Length and content: the longest prompt fills the tensor exactly, the EOS positions are the sentences'."""
+    clip, learner = tiny_model.clip, tiny_model.prompt_learner
+    embedding = clip.text_model.embeddings.token_embedding
+    embeds, eos = learner.class_prompt_embeddings(embedding)
+    sentences = [tiny_model.config.template.format(name) for name in tiny_model.config.class_names]
+    ids = [tiny_tokenizer(s).input_ids for s in sentences]
+    assert embeds.shape[:2] == (len(ids), max(map(len, ids)))
+    assert eos.tolist() == [len(row) - 1 for row in ids]
+    for row, sentence_ids in zip(embeds, ids):
+        torch.testing.assert_close(row[: len(sentence_ids)], embedding(torch.tensor(sentence_ids)), atol=0, rtol=0)

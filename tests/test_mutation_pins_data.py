@@ -189,6 +189,8 @@ def test_synthetic_spec_seed_picks_the_stream():
     first, second = (load_dataset_spec("synthetic", num_images=2, seed=s, image_size=16) for s in (0, 1))
     assert [np.asarray(e["image"]).tolist() for e in first] != [np.asarray(e["image"]).tolist() for e in second]
     assert load_dataset_spec("synthetic", num_images=1)[0]["image"].size == (96, 96)  # the default size
+    default = load_dataset_spec("synthetic", num_images=2, image_size=16)  # the default seed is 0
+    assert [np.asarray(e["image"]).tolist() for e in default] == [np.asarray(e["image"]).tolist() for e in first]
 
 
 def test_imagefolder_spec_reads_the_named_split(tmp_path):
