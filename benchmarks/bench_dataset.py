@@ -160,9 +160,9 @@ def render(args, ratios, sides, speeds, memory, seconds) -> str:
               f"**{growth:.2f}x** ({'met' if growth <= TARGET_LABELS_5_1 else 'not met'}); the whole pipeline call with "
               f"refine=True <= {TARGET_PIPELINE}x: **{whole:.2f}x** ({'met' if whole <= TARGET_PIPELINE else 'not met'}).",
               "",
-              f"Each label past the first adds {per_label:.3f} CPU s = {per_label / forward_s:.3f} of a forward (one more "
-              "cotangent through the last block: its MLP and attention input-gradients, which the CPU flash-attention "
-              f"backward runs once per label); 5 vs 1 label <= {TARGET_LABELS_5_1}x would need <= "
+              f"Each label past the first adds {per_label:.3f} CPU s = {per_label / forward_s:.3f} of a forward (what stays "
+              "per label in the written-out last-block backward: the MLP's first matmul, out_proj and one P^T dO "
+              f"product per head); 5 vs 1 label <= {TARGET_LABELS_5_1}x would need <= "
               f"{(TARGET_LABELS_5_1 - 1) * one_label / 4 / forward_s:.3f}.",
               "",
               "Growth with the side (square images, 2 labels, CAA):", "", "| side | CPU s | / forward |",
