@@ -103,6 +103,14 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.selection.x_masked_pixel_values__mutmut_21": "dtype=None for the all-zero image indices: "
                                                           "check_pairs casts them to long",
     "pole_hf.selection.x_masked_pixel_values__mutmut_23": "as mutmut_21 (argument removed)",
+    "pole_hf._last_block_backward.x_gradcam_weights__mutmut_39": "einsum reads upper-case subscripts as labels too",
+    "pole_hf._last_block_backward.x_attention_backward__mutmut_91": "as gradcam_weights 39 (upper-case einsum labels)",
+    "pole_hf._last_block_backward.x_attention_backward__mutmut_104": "as gradcam_weights 39",
+    "pole_hf._last_block_backward.x_attention_backward__mutmut_117": "as gradcam_weights 39",
+    "pole_hf._last_block_backward.x_attention_backward__mutmut_157": "as gradcam_weights 39",
+    "pole_hf._last_block_backward.x_attention_backward__mutmut_169": "as gradcam_weights 39",
+    "pole_hf._last_block_backward.x_attention_backward__mutmut_51": "a fourth sum buffer, never filled: the zip "
+                                                                    "with the 3 projections drops it",
     "pole_hf.prompt_learner.x_init_class_vectors__mutmut_7": "n == length through the split branch: length groups of "
                                                              "one token, each mean the token itself",
     "pole_hf.prompt_learner.x_pad_id_rows__mutmut_10": "torch.full infers int64 from the integer pad id",

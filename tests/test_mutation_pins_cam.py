@@ -419,3 +419,53 @@ def test_for_model_reads_the_processor_saved_in_a_hub_repo(local_hub, tiny_model
     loaded = PolePromptModel.from_pretrained(f"{local_hub.user}/prompts")  # name_or_path: a Hub id, not a folder
     found = PoleImageProcessor.for_model(loaded)
     assert (found.scales, found.flip) == ([1.0, 0.5], True)
+
+
+def test_standardized_matches_layer_norm_where_eps_matters():
+    from pole_hf._last_block_backward import standardized
+
+    norm = torch.nn.LayerNorm(16, eps=1e-5)
+    torch.manual_seed(0)
+    x = torch.randn(3, 16) * 3e-3  # variance ~1e-5: eps counts
+    hat, rstd = standardized(x, norm)
+    torch.testing.assert_close(hat, F.layer_norm(x, (16,), eps=1e-5), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rstd, 1 / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5))
+
+
+def test_written_out_backward_with_trained_layer_norms_and_on_the_models_device(tiny_clip):
+    """Non-unit layer-norm scales (a fresh CLIP's are all 1) and the meta device standing in for a GPU."""
+    import copy
+
+    from pole_hf._clip_internals import pool_tokens, vision_prefix
+    from pole_hf._last_block_backward import LastBlockState, gradcam_weights, last_block_forward
+
+    clip = copy.deepcopy(tiny_clip)
+    vision = clip.vision_model
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for module in vision.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.normal_(0, 0.1)
+    hidden, _ = vision_prefix(vision, torch.randn(1, 3, 24, 32))
+    layer = vision.encoder.layers[-1]
+    grads = torch.randn(2, 1, vision.config.hidden_size)
+    state = last_block_forward(vision, hidden)
+    weights, probs = gradcam_weights(vision, state, grads, "patch_mean")
+    assert probs is None  # no attention unless asked
+    leaf = layer.layer_norm1(hidden).detach().requires_grad_(True)
+    hook = layer.layer_norm1.register_forward_hook(lambda module, inputs, output: leaf)
+    try:
+        with torch.enable_grad():
+            pooled = pool_tokens(clip, layer(hidden, None), "patch_mean")
+            expected = torch.stack([torch.autograd.grad(pooled, leaf, g, retain_graph=True)[0][:, 1:].mean(1)
+                                    for g in grads])
+    finally:
+        hook.remove()
+    torch.testing.assert_close(weights, expected, atol=1e-6, rtol=1e-4)
+    meta_vision = copy.deepcopy(vision).to("meta")
+    meta_state = LastBlockState(**{name: value.to("meta") for name, value in vars(state).items()})
+    for kind in ("patch_mean", "pooled"):
+        meta_weights, meta_probs = gradcam_weights(meta_vision, meta_state, grads.to("meta"), kind, attention=True)
+        assert meta_weights.device.type == meta_probs.device.type == "meta"
+        assert meta_weights.shape == (2, 1, vision.config.hidden_size) and meta_probs.shape == (1, 13, 13)
