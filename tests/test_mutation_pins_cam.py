@@ -469,3 +469,40 @@ def test_written_out_backward_with_trained_layer_norms_and_on_the_models_device(
         meta_weights, meta_probs = gradcam_weights(meta_vision, meta_state, grads.to("meta"), kind, attention=True)
         assert meta_weights.device.type == meta_probs.device.type == "meta"
         assert meta_weights.shape == (2, 1, vision.config.hidden_size) and meta_probs.shape == (1, 13, 13)
+
+
+def test_gradcam_scores_use_the_configured_image_feature(tiny_model):
+    import copy
+
+    from pole_hf._clip_internals import vision_output_tokens
+
+    model = copy.deepcopy(tiny_model)
+    model.config.image_feature = "pooled"
+    pixels = torch.randn(1, 3, 24, 32)
+    out = model.get_cams(pixels, [[1]], position_embedding="bicubic")
+    with torch.no_grad():
+        features = F.normalize(model.image_features_from_tokens(vision_output_tokens(model.clip, pixels), "pooled"),
+                               dim=-1)
+        expected = model.get_logit_scale() * features @ model.get_text_features().t()
+    torch.testing.assert_close(out.logits, expected[:, : out.logits.shape[1]], atol=1e-5, rtol=1e-5)
+
+
+def test_cams_of_a_bfloat16_clip_with_float32_adapters(tiny_clip_dir):
+    from pole_hf import PolePromptModel
+
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=["cat", "dog", "sofa"], background_words=["sky"],
+                                      use_adapters=True)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for adapter in (model.visual_adapter, model.text_adapter):
+            for parameter in adapter.parameters():
+                parameter.normal_(0, 0.3)
+    pixels = torch.randn(1, 3, 32, 40)
+    full = model.get_cams(pixels, [[0, 2]], refine=True)
+    model.clip.to(torch.bfloat16)
+    assert next(model.visual_adapter.parameters()).dtype == torch.float32
+    half = model.get_cams(pixels, [[0, 2]], refine=True)
+    assert half.cams.dtype == torch.float32 and half.cams.shape == full.cams.shape
+    assert torch.isfinite(half.cams).all() and 0 <= half.cams.min() and half.cams.max() <= 1
+    assert (half.cams - full.cams).abs().mean() < 0.1  # bfloat16 rounding, same maps
+    torch.testing.assert_close(half.cam_scores, full.cam_scores, atol=0.05, rtol=0)

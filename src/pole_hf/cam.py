@@ -124,8 +124,7 @@ def gradcam(model, pixel_values: torch.Tensor, class_indices: Sequence | None = 
     grid_h, grid_w = height // patch, width // patch
     with torch.no_grad():
         text = model.get_text_features()
-        hidden, attention = internals.vision_prefix(vision, pixel_values.to(model.clip.dtype), caa_layers,
-                                                    position_embedding)
+        hidden, attention = internals.vision_prefix(vision, pixel_values, caa_layers, position_embedding)
         state = last_block_forward(vision, hidden)
         pooled = internals.pool_tokens(model.clip, state.tokens, model.config.image_feature)
     with torch.enable_grad():
@@ -133,7 +132,7 @@ def gradcam(model, pixel_values: torch.Tensor, class_indices: Sequence | None = 
         # is written out (`_last_block_backward`): most of it is shared by all targets
         leaf = pooled.detach().requires_grad_(True)
         features = F.normalize(model.image_features_from_pooled(leaf), dim=-1)
-        logits = model.get_logit_scale() * features @ text.t().to(features.dtype)
+        logits = model.get_logit_scale() * features @ text.t()
         targets = resolve_targets(class_indices, logits.detach().float().softmax(-1)[:, :num_classes],
                                   model.config.prediction_threshold)
         classes = padded_targets(targets, logits.device)
@@ -162,7 +161,8 @@ def gradcam(model, pixel_values: torch.Tensor, class_indices: Sequence | None = 
             for row, chosen in enumerate(targets):
                 if not chosen:
                     continue
-                patch_attention = (attention[row] / caa_layers)[1:, 1:]
+                # the sum over the CAA blocks, not their mean: the transition's Sinkhorn rounds remove any scale
+                patch_attention = attention[row, 1:, 1:]
                 cams[row, : len(chosen)] = refine_with_transition(
                     cams[row, : len(chosen)], transition_from_attention(patch_attention), box_threshold, box_edges)
         cams = cams * (classes >= 0)[:, :, None, None]
