@@ -149,14 +149,23 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.data.spec.x_load_dataset_spec__mutmut_68": "as mutmut_62 (the kind string changed)",
     "pole_hf.masks.x_crf_image__mutmut_32": "np.mod of the float trunc is an integer in [0, 256): the uint8 cast "
                                             "agrees with the int64 route",
-    # CAM modules (session 21)
+    # CAM modules (session 21; cam renumbered in session 24)
     "pole_hf.cam.x_gradcam__mutmut_15": "caa_layers set without refine: vision_prefix computes attention nobody "
                                         "reads (explicit-attention blocks: the same hidden states to float rounding)",
     "pole_hf.cam.x_gradcam__mutmut_20": "caa_layers=1 without refine counts only the last block, which "
                                         "vision_prefix does not run: no explicit attention, None either way",
     "pole_hf.cam.x_gradcam__mutmut_55": "F.normalize of the [B, D] features: dim=+1 is dim=-1",
-    "pole_hf.cam.x_gradcam__mutmut_121": "picked is float32 (logits.float().softmax): torch.zeros' default dtype "
+    "pole_hf.cam.x_gradcam__mutmut_120": "picked is float32 (logits.float().softmax): torch.zeros' default dtype "
                                          "is the same",
+    "pole_hf.cam.x_gradcam__mutmut_125": "as mutmut_120 (argument removed)",
+    "pole_hf.cam.x_gradcam__mutmut_53": "F.normalize's default dim is 1, the last of the [B, D] features",
+    "pole_hf.cam.x_gradcam__mutmut_67": "softmax(+1) of the 2-D [B, C + background] logits is softmax(-1)",
+    "pole_hf.cam.x_gradcam__mutmut_104": "float('-INF') is float('-inf')",
+    "pole_hf.cam.x_gradcam__mutmut_105": "as mutmut_67",
+    "pole_hf.cam.x_gradcam__mutmut_174": "einsum reads upper-case subscripts as labels too",
+    "pole_hf.cam.x_padded_targets__mutmut_4": "as mutmut_7 (dtype=None)",
+    "pole_hf.cam.x_padded_targets__mutmut_18": "the row is written into a long tensor: the assignment casts it",
+    "pole_hf.cam.x_padded_targets__mutmut_20": "as mutmut_18 (argument removed)",
     "pole_hf.cam.x_padded_targets__mutmut_7": "torch.full infers int64 from the integer fill -1: dtype=torch.long "
                                               "changes nothing",
     "pole_hf.cam_inference.x_image_cams__mutmut_13": "one image: batch_size 1 or the default 8 is one chunk of one",

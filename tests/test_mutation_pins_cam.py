@@ -506,3 +506,43 @@ def test_cams_of_a_bfloat16_clip_with_float32_adapters(tiny_clip_dir):
     assert torch.isfinite(half.cams).all() and 0 <= half.cams.min() and half.cams.max() <= 1
     assert (half.cams - full.cams).abs().mean() < 0.1  # bfloat16 rounding, same maps
     torch.testing.assert_close(half.cam_scores, full.cam_scores, atol=0.05, rtol=0)
+
+
+def test_gradcam_image_embeds_are_the_normalised_features(tiny_model):
+    from pole_hf._clip_internals import vision_output_tokens
+
+    pixels = torch.randn(2, 3, 24, 32)
+    out = tiny_model.get_cams(pixels, [[0], [1, 2]], position_embedding="bicubic")
+    with torch.no_grad():
+        expected = F.normalize(tiny_model.image_features_from_tokens(vision_output_tokens(tiny_model.clip, pixels)),
+                               dim=-1)
+    torch.testing.assert_close(out.image_embeds, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_slots_allow_no_class_when_there_are_no_background_words(tiny_clip_dir):
+    """A padded slot (-1) must not open the softmax to the last column, a class when no background words follow."""
+    from pole_hf import PolePromptModel
+
+    model = PolePromptModel.from_clip(tiny_clip_dir, class_names=["cat", "dog", "sofa"], background_words=[])
+    torch.manual_seed(4)
+    pixels = torch.randn(2, 3, 24, 32)
+    batched = model.get_cams(pixels, [[0, 1], [1]])
+    alone = model.get_cams(pixels[1:], [[1]])
+    torch.testing.assert_close(batched.cam_scores[1, :1], alone.cam_scores[0], atol=1e-6, rtol=0)
+    assert batched.cam_scores[1, 0] == pytest.approx(1.0)  # the only class in its softmax
+
+
+def test_box_edges_reach_the_refinement(tiny_model):
+    from helpers import eager_attention
+
+    from pole_hf.caa import affinity_from_attention, refine_with_affinity
+
+    clip = tiny_model.clip
+    torch.manual_seed(6)
+    pixels = torch.randn(1, 3, 40, 48)
+    probs, _ = eager_attention(clip, pixels)
+    affinity = affinity_from_attention(torch.stack(probs[-8:]).mean(0)[1:, 1:])
+    raw = tiny_model.get_cams(pixels, [[0, 2]], position_embedding="bicubic").cams[0]
+    full = tiny_model.get_cams(pixels, [[0, 2]], refine=True, box_edges="full", position_embedding="bicubic").cams[0]
+    torch.testing.assert_close(full, refine_with_affinity(raw, affinity, box_edges="full"), atol=1e-4, rtol=0)
+    assert not torch.allclose(full, refine_with_affinity(raw, affinity, box_edges="clip_es"), atol=1e-3)
