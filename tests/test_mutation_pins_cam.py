@@ -546,3 +546,37 @@ def test_box_edges_reach_the_refinement(tiny_model):
     full = tiny_model.get_cams(pixels, [[0, 2]], refine=True, box_edges="full", position_embedding="bicubic").cams[0]
     torch.testing.assert_close(full, refine_with_affinity(raw, affinity, box_edges="full"), atol=1e-4, rtol=0)
     assert not torch.allclose(full, refine_with_affinity(raw, affinity, box_edges="clip_es"), atol=1e-3)
+
+
+def test_pool_tokens_defaults_to_the_patch_mean(tiny_clip):
+    from pole_hf import _clip_internals as internals
+
+    tokens = torch.randn(2, 13, tiny_clip.config.vision_config.hidden_size)
+    torch.testing.assert_close(internals.pool_tokens(tiny_clip, tokens),
+                               tiny_clip.vision_model.post_layernorm(tokens[:, 1:]).mean(1))
+
+
+def test_batched_and_streamed_cams_pass_the_cam_options_and_bucket_at_max_side(tiny_model, tiny_processor):
+    import numpy as np
+    from PIL import Image
+
+    from pole_hf import batched_cams, iter_cams
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((48, 64), (60, 80))]
+    plain = batched_cams(tiny_model, tiny_processor, images, [[0], [2]])
+    refined = batched_cams(tiny_model, tiny_processor, images, [[0], [2]], refine=True)
+    streamed = [out for _, out in iter_cams(tiny_model, tiny_processor, [0, 1], image=lambda i: images[i],
+                                            targets=lambda i: [[0], [2]][i], refine=True)]
+    for a, b, c in zip(plain, refined, streamed):
+        assert not torch.allclose(a.cams, b.cams, atol=1e-3)
+        torch.testing.assert_close(c.cams, b.cams)
+    calls = []
+    original = tiny_model.get_cams
+    tiny_model.get_cams = lambda pixels, *args, **kwargs: calls.append(tuple(pixels.shape)) or original(
+        pixels, *args, **kwargs)
+    try:
+        batched_cams(tiny_model, tiny_processor, images, [[0], [2]], max_side=32)
+    finally:
+        del tiny_model.get_cams
+    assert calls == [(2, 3, 24, 32)]  # both capped to 32x24: one bucket, one call
