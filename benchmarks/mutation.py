@@ -168,6 +168,45 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.cam.x_padded_targets__mutmut_20": "as mutmut_18 (argument removed)",
     "pole_hf.cam.x_padded_targets__mutmut_7": "torch.full infers int64 from the integer fill -1: dtype=torch.long "
                                               "changes nothing",
+    "pole_hf.cam_inference.x_image_cams__mutmut_22": "one image: batch_size 2 is one chunk of one too",
+    "pole_hf._clip_internals.x_attention_and_probs__mutmut_18": "output=False has no caller any more (the last "
+                                                                "block's probabilities come from the backward's head "
+                                                                "loop): both branches compute the output",
+    "pole_hf._clip_internals.x_attention_and_probs__mutmut_64": "as mutmut_18",
+    "pole_hf._clip_internals.x_clip_es_position_embeddings__mutmut_3": "isqrt(n + 1) == isqrt(n - 1) when n - 1 is a "
+                                                                       "square; other tables are refused either way",
+    "pole_hf._clip_internals.x_clip_es_position_embeddings__mutmut_21": "a [2, D/2, s, s] grid resizes per channel as"
+                                                                        " [1, D, s, s] does and reshapes back in the "
+                                                                        "same order",
+    "pole_hf._clip_internals.x_clip_es_position_embeddings__mutmut_28": "align_corners=None is bilinear's default, "
+                                                                        "False",
+    "pole_hf._clip_internals.x_clip_es_position_embeddings__mutmut_32": "as mutmut_28 (argument removed)",
+    "pole_hf._clip_internals.x_vision_output_tokens__mutmut_5": "CLIPVisionEmbeddings casts the pixels to the patch "
+                                                                "weights' dtype itself",
+    "pole_hf._clip_internals.x_causal_mask__mutmut_4": "a float32 mask of the dtype's minimum gives the same "
+                                                       "attention (bfloat16 text tower checked by test_word_features_"
+                                                       "go_through_a_changed_context_the_adapter_and_a_half_precision"
+                                                       "_clip)",
+    "pole_hf._clip_internals.x_causal_mask__mutmut_8": "as mutmut_4 (argument removed)",
+    "pole_hf.modeling_pole.xǁPolePromptModelǁ_background_features__mutmut_7": "no background words give [0, 0] ids "
+                                                                              "(pad_id_rows of no rows): shape[1] is "
+                                                                              "0 exactly when shape[0] is",
+    "pole_hf.modeling_pole.xǁPolePromptModelǁ_background_features__mutmut_14": "torch.cat skips a 1-D empty tensor: "
+                                                                               "[0] and [0, P] zeros concatenate "
+                                                                               "alike",
+    "pole_hf.modeling_pole.xǁPolePromptModelǁget_image_features__mutmut_9": "F.normalize's default dim is 1, the last"
+                                                                            " of the [N, D] features",
+    "pole_hf.modeling_pole.xǁPolePromptModelǁget_image_features__mutmut_14": "as mutmut_9 (dim=+1)",
+    "pole_hf.modeling_pole.xǁPolePromptModelǁforward__mutmut_11": "text and image embeddings share the model's dtype "
+                                                                  "(adapters return their input's)",
+    "pole_hf.modeling_pole.xǁPolePromptModelǁforward__mutmut_21": "the labels are written into a float targets "
+                                                                  "tensor: the assignment casts them",
+    "pole_hf.modeling_pole.x_multilabel_softmax_loss__mutmut_12": "with no background columns the slice num_classes: "
+                                                                  "is empty: the assignment does nothing",
+    "pole_hf.modeling_pole.x_multilabel_softmax_loss__mutmut_14": "the targets are normalised by their row sum: 2.0 "
+                                                                  "and 1.0 give the same spread",
+    "pole_hf.modeling_pole.x_multilabel_softmax_loss__mutmut_35": "log_softmax(+1) of the 2-D logits is "
+                                                                  "log_softmax(-1)",
     "pole_hf.cam_inference.x_image_cams__mutmut_13": "one image: batch_size 1 or the default 8 is one chunk of one",
     "pole_hf.image_processing_pole.xǁPoleImageProcessorǁpost_process_cams__mutmut_25": "cams are [B, K, h, w]: "
         "shape[+2:] is shape[-2:]",

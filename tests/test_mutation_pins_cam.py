@@ -580,3 +580,14 @@ def test_batched_and_streamed_cams_pass_the_cam_options_and_bucket_at_max_side(t
     finally:
         del tiny_model.get_cams
     assert calls == [(2, 3, 24, 32)]  # both capped to 32x24: one bucket, one call
+
+
+def test_get_cams_passes_the_box_threshold_and_forward_returns_its_text_embeds(tiny_model):
+    torch.manual_seed(7)
+    pixels = torch.randn(1, 3, 40, 48)
+    default = tiny_model.get_cams(pixels, [[0, 2]], refine=True).cams
+    loose = tiny_model.get_cams(pixels, [[0, 2]], refine=True, box_threshold=0.05).cams
+    assert not torch.allclose(default, loose, atol=1e-3)
+    with torch.no_grad():
+        out = tiny_model(pixel_values=pixels)
+        torch.testing.assert_close(out.text_embeds, tiny_model.get_text_features())
