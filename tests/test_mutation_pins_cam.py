@@ -2,6 +2,7 @@
 GradCAM engine's defaults, scores, batching and CAA layer count, the CLIP internals, the inference loop, the
 processor and the two CAM models. Hand computations on tiny tensors, round trips and boundary sizes."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -591,3 +592,26 @@ def test_get_cams_passes_the_box_threshold_and_forward_returns_its_text_embeds(t
     with torch.no_grad():
         out = tiny_model(pixel_values=pixels)
         torch.testing.assert_close(out.text_embeds, tiny_model.get_text_features())
+
+
+def test_a_cam_networks_processor_takes_its_config(tiny_clip):
+    from pole_hf import PoleCamNetworkConfig, PoleImageProcessor
+
+    config = PoleCamNetworkConfig(class_names=["cat", "dog", "sofa"], image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6],
+                                  cam_scales=[1.0, 0.5], cam_flip=False, background_threshold=0.3)
+    network = type("Network", (), {"config": config})()
+    processor = PoleImageProcessor.for_model(network)
+    assert (processor.image_mean, processor.image_std) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert processor.patch_size == 1 and list(processor.scales) == [1.0, 0.5] and processor.flip is False
+    assert processor.cam_merge == "max" and processor.background == "threshold" and processor.bg_threshold == 0.3
+
+
+def test_segment_passes_the_crf_image_on(tiny_processor):
+    from pole_hf import CamOutput
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    cams = torch.from_numpy(rng.random((2, 24, 32)).astype(np.float32))
+    output = CamOutput(cams=cams, class_indices=torch.tensor([0, 2]), scores=torch.ones(2))
+    masks = {mode: tiny_processor.segment([output], [image], crf=True, crf_image=mode)[0] for mode in ("clip_es", "rgb")}
+    assert (masks["clip_es"] != masks["rgb"]).any()
