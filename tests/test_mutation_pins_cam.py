@@ -615,3 +615,31 @@ def test_segment_passes_the_crf_image_on(tiny_processor):
     output = CamOutput(cams=cams, class_indices=torch.tensor([0, 2]), scores=torch.ones(2))
     masks = {mode: tiny_processor.segment([output], [image], crf=True, crf_image=mode)[0] for mode in ("clip_es", "rgb")}
     assert (masks["clip_es"] != masks["rgb"]).any()
+
+
+def test_computation_size_at_one_patch_and_below():
+    from pole_hf import PoleImageProcessor
+
+    processor = PoleImageProcessor(patch_size=8)
+    assert processor.computation_size(8, 8) == (8, 8)  # exactly one patch is accepted
+    assert processor.computation_size(8, 8, scale=0.5) == (8, 8)  # a scaled-down patch still rounds up to one
+    assert processor.computation_size(40, 8, scale=0.5) == (8, 24)
+
+
+def test_segment_refuses_a_crf_without_matching_images_and_runs_it_at_max_side(tiny_model, tiny_processor):
+    from pole_hf import CamOutput, PoleImageProcessor
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    output = CamOutput(cams=torch.from_numpy(rng.random((2, 24, 32)).astype(np.float32)),
+                       class_indices=torch.tensor([0, 2]), scores=torch.ones(2))
+    for images in (None, [image, image]):
+        with pytest.raises(ValueError, match="images"):
+            tiny_processor.segment([output], images, crf=True)
+    small = PoleImageProcessor.from_dict({**tiny_processor.to_dict(), "max_side": 16})
+    full, capped = (p.segment([output], [image], crf=True)[0] for p in (tiny_processor, small))
+    assert full.shape == capped.shape == (24, 32) and (full != capped).any()
+    out = tiny_model.get_cams(torch.randn(1, 3, 24, 32), [[0, 2]])
+    plain = tiny_processor.post_process_semantic_segmentation(out)[0]
+    ignored = tiny_processor.post_process_semantic_segmentation(out, ignore_below=0.999)[0]
+    assert (ignored == 255).any() and not (plain == 255).any()
