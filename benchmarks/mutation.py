@@ -207,6 +207,20 @@ EQUIVALENT: dict[str, str] = {
                                                                   "and 1.0 give the same spread",
     "pole_hf.modeling_pole.x_multilabel_softmax_loss__mutmut_35": "log_softmax(+1) of the 2-D logits is "
                                                                   "log_softmax(-1)",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁfor_model__mutmut_5": "every PretrainedConfig has model_type:"
+                                                                              " getattr without a default never "
+                                                                              "raises",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁfor_model__mutmut_42": "None for a flag transformers reads as"
+                                                                               " `if not ...` (as mutmut_43)",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁpixel_values__mutmut_4": "resizing a PIL image to its own "
+                                                                                 "size returns the same pixels",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁpixel_values__mutmut_6": "resample=None is PIL's default for "
+                                                                                 "RGB, bicubic",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁpixel_values__mutmut_8": "as mutmut_6 (argument removed)",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁpost_process_cams__mutmut_48": "align_corners=None is "
+                                                                                       "bilinear's default, False",
+    "pole_hf.image_processing_pole.xǁPoleImageProcessorǁpost_process_cams__mutmut_52": "as mutmut_48 (argument "
+                                                                                       "removed)",
     "pole_hf.cam_inference.x_image_cams__mutmut_13": "one image: batch_size 1 or the default 8 is one chunk of one",
     "pole_hf.image_processing_pole.xǁPoleImageProcessorǁpost_process_cams__mutmut_25": "cams are [B, K, h, w]: "
         "shape[+2:] is shape[-2:]",
