@@ -169,10 +169,6 @@ EQUIVALENT: dict[str, str] = {
     "pole_hf.cam.x_padded_targets__mutmut_7": "torch.full infers int64 from the integer fill -1: dtype=torch.long "
                                               "changes nothing",
     "pole_hf.cam_inference.x_image_cams__mutmut_22": "one image: batch_size 2 is one chunk of one too",
-    "pole_hf._clip_internals.x_attention_and_probs__mutmut_18": "output=False has no caller any more (the last "
-                                                                "block's probabilities come from the backward's head "
-                                                                "loop): both branches compute the output",
-    "pole_hf._clip_internals.x_attention_and_probs__mutmut_64": "as mutmut_18",
     "pole_hf._clip_internals.x_clip_es_position_embeddings__mutmut_3": "isqrt(n + 1) == isqrt(n - 1) when n - 1 is a "
                                                                        "square; other tables are refused either way",
     "pole_hf._clip_internals.x_clip_es_position_embeddings__mutmut_21": "a [2, D/2, s, s] grid resizes per channel as"

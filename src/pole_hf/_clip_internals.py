@@ -27,9 +27,9 @@ def split_heads(x: torch.Tensor, attn: nn.Module) -> torch.Tensor:
     return x.view(x.shape[0], -1, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
-def attention_and_probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: bool = True):
+def attention_and_probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Explicit multi-head attention of ``[B, heads, T, head_dim]`` inputs, one head at a time: the merged output
-    ``[B, T, D]`` (`None` unless `output`) and the head-averaged probabilities ``[B, T, T]`` (CAA's attention).
+    ``[B, T, D]`` and the head-averaged probabilities ``[B, T, T]`` (CAA's attention).
     No autograd.
 
     The ``[B, T, T]`` scores and probabilities live in two buffers reused by every head (a fresh allocation of that
@@ -42,15 +42,13 @@ def attention_and_probs(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
         scores = q.new_empty(batch, length, length)
         probs = torch.empty_like(scores)
         total = torch.zeros_like(scores)
-        mixed = q.new_empty(heads, batch, length, v.shape[-1]) if output else None
+        mixed = q.new_empty(heads, batch, length, v.shape[-1])
         for head in range(heads):
             torch.matmul(q[:, head], k[:, head].transpose(-1, -2), out=scores)
             torch._softmax(scores, -1, False, out=probs)
-            if output:
-                torch.matmul(probs, v[:, head], out=mixed[head])
+            torch.matmul(probs, v[:, head], out=mixed[head])
             total.add_(probs)
-    merged = mixed.permute(1, 2, 0, 3).reshape(batch, length, -1) if output else None
-    return merged, total.div_(heads)
+    return mixed.permute(1, 2, 0, 3).reshape(batch, length, -1), total.div_(heads)
 
 
 def layer_with_attention(layer: nn.Module, hidden: torch.Tensor):

@@ -109,7 +109,7 @@ def gradcam_weights(vision: nn.Module, state: LastBlockState, pooled_grads: torc
         state: [`last_block_forward`]'s output.
         pooled_grads: ``[K, B, D]`` each target's gradient at the pooled post-layernorm feature (before the
             projection).
-        kind: the pooling, ``"patch_mean"`` or ``"pooled"`` (see `image_head`).
+        kind: the pooling, ``"patch_mean"`` or ``"pooled"`` (see `_clip_internals.pool_tokens`).
         attention: also return the last block's head-averaged attention probabilities ``[B, T, T]`` (CAA's).
 
     Returns:
