@@ -5,9 +5,12 @@ import argparse
 import torch
 
 
-def parse_benchmark_args(description: str, num_images: int, argv=None) -> argparse.Namespace:
-    """`--num_images`, `--seed`, `--threads` (torch's thread count is set) and `--no_write` (leave README.md)."""
+def parse_benchmark_args(description: str, num_images: int, argv=None, extra=None) -> argparse.Namespace:
+    """`--num_images`, `--seed`, `--threads` (torch's thread count is set) and `--no_write` (leave README.md);
+    `extra(parser)` adds a script's own flags."""
     parser = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--num_images", type=int, default=num_images)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
