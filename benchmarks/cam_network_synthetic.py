@@ -156,6 +156,8 @@ def main(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants {unknown} are not among {list(VARIANTS)}")
+    if POLE_ON_CLIMS in args.variants and "CLIMS" not in args.variants:
+        parser.error(f"--variants {POLE_ON_CLIMS!r} selects on the CLIMS network's CAMs: list CLIMS too")
     torch.set_num_threads(1)
     from pole_hf.cam_network_training import SYNTHETIC_IMAGE_SIZE
     from pole_hf.data import load_synthetic
