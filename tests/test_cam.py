@@ -330,3 +330,42 @@ def test_written_out_backward_equals_autograd_through_the_last_block(tiny_model,
         torch.testing.assert_close(probs, (heads[0] @ heads[1].transpose(-1, -2) * attn.scale).softmax(-1).mean(1))
     finally:
         layer.mlp.activation_fn = saved
+
+
+def test_backward_runs_only_on_real_targets_and_equals_the_padded_batch(tiny_model, monkeypatch):
+    """With `counts`, an image with fewer targets than the batch's most runs its backward alone on its own targets:
+    the weights equal the padded batch's (where a padded slot's zero cotangent gives zero weights), padding costs
+    no backward, and the CAMs (CAA included) equal the padded engine's to 1e-6."""
+    import pole_hf._last_block_backward as backward
+    from pole_hf import cam
+
+    vision = tiny_model.clip.vision_model
+    torch.manual_seed(5)
+    hidden, _ = vision_prefix(vision, torch.randn(3, 3, 40, 56))
+    counts = [1, 3, 0]
+    cotangents = torch.randn(3, 3, vision.config.hidden_size)
+    for row, count in enumerate(counts):
+        cotangents[count:, row] = 0  # padding, as the engine's cotangents
+    state = backward.last_block_forward(vision, hidden)
+    padded, padded_probs = backward.gradcam_weights(vision, state, cotangents, "patch_mean", attention=True)
+    slots = []
+    real = backward._weights
+    monkeypatch.setattr(backward, "_weights", lambda v, s, g, *a: slots.append(g.shape[:2]) or real(v, s, g, *a))
+    weights, probs = backward.gradcam_weights(vision, state, cotangents, "patch_mean", attention=True, counts=counts)
+    assert slots == [(1, 1), (3, 1)]  # 4 real targets, not 3 x 3 slots
+    torch.testing.assert_close(weights, padded, atol=1e-6, rtol=0)
+    assert weights[1:, 0].abs().sum() == 0 and weights[:, 2].abs().sum() == 0
+    torch.testing.assert_close(probs[:2], padded_probs[:2], atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="counts has 2 entries for a batch of 3"):
+        backward.gradcam_weights(vision, state, cotangents, "patch_mean", counts=[1, 3])
+    monkeypatch.setattr(backward, "_weights", real)
+    pixels = torch.randn(3, 3, 40, 56)
+    targets = [[2], [0, 1, 2], [1]]
+    new = [cam.gradcam(tiny_model, pixels, targets, refine=refine) for refine in (False, True)]
+    whole = backward.gradcam_weights
+    monkeypatch.setattr(cam, "gradcam_weights", lambda *a, counts=None, **k: whole(*a, **k))  # the padded engine
+    old = [cam.gradcam(tiny_model, pixels, targets, refine=refine) for refine in (False, True)]
+    torch.testing.assert_close(new[0].cams, old[0].cams, atol=1e-6, rtol=0)
+    torch.testing.assert_close(new[0].cam_scores, old[0].cam_scores, atol=0, rtol=0)
+    # CAA on a random CLIP's near-flat maps amplifies float reordering (as batched against single images)
+    torch.testing.assert_close(new[1].cams, old[1].cams, atol=1e-4, rtol=0)

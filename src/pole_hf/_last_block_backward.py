@@ -20,7 +20,7 @@ model's `post_layernorm`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +100,14 @@ def token_weights(length: int, kind: str, device) -> torch.Tensor:
     return weights
 
 
+def image_state(state: LastBlockState, row: int) -> LastBlockState:
+    """The part of `state` that belongs to image `row` (views, batch of one)."""
+    return LastBlockState(*(getattr(state, f.name)[row: row + 1] for f in fields(LastBlockState)))
+
+
 def gradcam_weights(vision: nn.Module, state: LastBlockState, pooled_grads: torch.Tensor, kind: str,
-                    attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    attention: bool = False, counts: list[int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GradCAM channel weights: the mean over patch tokens of each target's gradient at ``layer_norm1``'s output.
 
     Args:
@@ -111,10 +117,35 @@ def gradcam_weights(vision: nn.Module, state: LastBlockState, pooled_grads: torc
             projection).
         kind: the pooling, ``"patch_mean"`` or ``"pooled"`` (see `_clip_internals.pool_tokens`).
         attention: also return the last block's head-averaged attention probabilities ``[B, T, T]`` (CAA's).
+        counts: the number of real targets of each image (slots ``j >= counts[b]`` of image `b` are padding);
+            when some image has fewer than `K`, each image runs on its own with its own targets only, so no
+            backward is spent on padding: padded slots' weights are zero, and so is the attention of an image
+            without targets.
 
     Returns:
         ``(weights [K, B, D], attention or None)``, float32.
     """
+    targets, batch = pooled_grads.shape[:2]
+    if counts is not None and len(counts) != batch:
+        raise ValueError(f"counts has {len(counts)} entries for a batch of {batch} images: give one per image")
+    if counts is None or all(count >= targets for count in counts):
+        return _weights(vision, state, pooled_grads, kind, attention)
+    weights = pooled_grads.new_zeros(pooled_grads.shape, dtype=torch.float32)
+    length = state.tokens.shape[1]
+    mean_probs = state.tokens.new_zeros(batch, length, length, dtype=torch.float32) if attention else None
+    for row, count in enumerate(counts):
+        if count <= 0:
+            continue
+        part, probs = _weights(vision, image_state(state, row), pooled_grads[:count, row: row + 1], kind, attention)
+        weights[:count, row: row + 1] = part
+        if mean_probs is not None:
+            mean_probs[row: row + 1] = probs
+    return weights, mean_probs
+
+
+def _weights(vision: nn.Module, state: LastBlockState, pooled_grads: torch.Tensor, kind: str, attention: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[`gradcam_weights`] of every slot of every image of `state`, padded or not."""
     layer = last_block(vision)
     attn, mlp = layer.self_attn, layer.mlp
     with torch.no_grad():
@@ -175,5 +206,5 @@ def attention_backward(attn: nn.Module, state: LastBlockState, d_mixed: torch.Te
     return [s.permute(2, 0, 1, 3).reshape(targets, batch, -1) for s in sums], mean_probs
 
 
-__all__ = ["LastBlockState", "attention_backward", "gradcam_weights", "last_block_forward", "layer_norm_backward",
-           "standardized", "token_weights"]
+__all__ = ["LastBlockState", "attention_backward", "gradcam_weights", "image_state", "last_block_forward",
+           "layer_norm_backward", "standardized", "token_weights"]

@@ -4,7 +4,8 @@ with class-aware attention affinity (CAA) refinement. [`PolePromptModel.get_cams
 One forward per batch, without autograd (the CAA blocks hand their attention probabilities out of that same pass);
 autograd runs only from the pooled feature to the scores, and the backward through the last block is written out
 (`_last_block_backward`), batched over every image and target: slot `j` holds the `j`-th target of every image
-(images do not interact in a ViT, so this equals one backward per image and class).
+(images do not interact in a ViT, so this equals one backward per image and class). When the images' target counts
+differ, each image's backward runs alone on its own targets, so padded slots cost nothing.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def gradcam(model, pixel_values: torch.Tensor, class_indices: Sequence | None = 
     if pooled_grads is None:
         cams = state.target.new_zeros(batch, 0, grid_h, grid_w).float()
     else:
-        weights, last = gradcam_weights(vision, state, pooled_grads, model.config.image_feature, attention=refine)
+        weights, last = gradcam_weights(vision, state, pooled_grads, model.config.image_feature, attention=refine,
+                                        counts=[len(chosen) for chosen in targets])  # no backward for padding
         maps = torch.relu(torch.einsum("kbd,bnd->bkn", weights, state.target[:, 1:].float()))
         cams = minmax(minmax(maps.reshape(batch * slots, grid_h, grid_w)))  # twice, as CLIP-ES (layer, then mean)
         cams = cams.view(batch, slots, grid_h, grid_w)
