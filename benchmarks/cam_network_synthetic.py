@@ -1,11 +1,11 @@
 """The paper's table on the synthetic world: CAM networks trained through the bundled tiny CLIP, over seeds.
 
-    python benchmarks/cam_network_synthetic.py --num_images 320 --eval_images 100 --clims_steps 120 --seeds 0 1 2
+    python benchmarks/cam_network_synthetic.py --num_images 320 --eval_images 100 --clims_steps 120 --seeds 0 1 2 3 4
 
 Per training seed: one classification-stage network (IRN's stage), then from it one second stage per variant:
 CLIMS (official names), CoOp (learned context), DeFo (learned class tokens + context), POLE (per-pair selected
-words), POLE + adapters, and POLE with its words chosen on the CLIMS network's CAMs (as POLE's `clip_selection.py`
-reads the baseline's CAMs); beside them the CLIP-ES route (GradCAM of the frozen tiny CLIP, first seed). CAM mIoU:
+words), POLE + adapters, and both POLE rows again with the words chosen on the CLIMS network's CAMs (POLE's
+`clip_selection.py` reads a baseline's CAMs from a workspace beside its CLIMS runs); beside them the CLIP-ES route (GradCAM of the frozen tiny CLIP, first seed). CAM mIoU:
 background threshold / power sweep; pseudo-mask mIoU: dense CRF on the same CAMs. Rows give the mean and standard
 deviation over the seeds and each variant's paired difference to CLIMS (same seed, same stage-1 network). Writes the
 table into benchmarks/README.md under "## CAM network on the synthetic world", earlier runs kept below it.
@@ -28,10 +28,12 @@ from quality_synthetic import README, replace_section  # noqa: E402
 
 HEADING = "## CAM network on the synthetic world"
 EARLIER = "### Earlier runs"
-POLE_ON_CLIMS = "POLE (words on CLIMS's CAMs)"
+ON_CLIMS = " (words on CLIMS's CAMs)"
+"""Rows whose per-pair words are chosen on the CLIMS row's network's CAMs instead of the classification network's."""
 VARIANTS = {"CLIMS": ["--variant", "clims"], "CoOp": ["--variant", "coop"], "DeFo": ["--variant", "defo"],
             "POLE": ["--variant", "pole"], "POLE + adapters": ["--variant", "pole", "--use_adapters"],
-            POLE_ON_CLIMS: ["--variant", "pole"]}
+            "POLE" + ON_CLIMS: ["--variant", "pole"],
+            "POLE + adapters" + ON_CLIMS: ["--variant", "pole", "--use_adapters"]}
 
 
 def evaluate(model, dataset, crf: bool) -> tuple[float, float | None]:
@@ -72,9 +74,9 @@ def run_seed(args, seed: int, heldout, crf: bool) -> tuple[dict, str]:
     key = f"{args.eval_split} {args.eval_images} crf={crf}"
     rows["classification CAMs"] = evaluated(stage1, heldout, crf, key)
     print(f"seed {seed} classification CAMs", rows["classification CAMs"], flush=True)
-    order = sorted(args.variants, key=lambda n: n == POLE_ON_CLIMS)  # CLIMS's network first
+    order = sorted(args.variants, key=lambda n: n.endswith(ON_CLIMS))  # CLIMS's network first
     for name in order:
-        on = "clims" if name == POLE_ON_CLIMS else "classification"
+        on = "clims" if name.endswith(ON_CLIMS) else "classification"
         selection = os.path.join(work, f"select_{on}", "selection.json")
         if "pole" in VARIANTS[name] and not os.path.isfile(selection):
             train(["--stage", "select", *common, "--init_network", os.path.join(work, on),
@@ -156,8 +158,8 @@ def main(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants {unknown} are not among {list(VARIANTS)}")
-    if POLE_ON_CLIMS in args.variants and "CLIMS" not in args.variants:
-        parser.error(f"--variants {POLE_ON_CLIMS!r} selects on the CLIMS network's CAMs: list CLIMS too")
+    if any(v.endswith(ON_CLIMS) for v in args.variants) and "CLIMS" not in args.variants:
+        parser.error(f"--variants '...{ON_CLIMS}' select on the CLIMS network's CAMs: list CLIMS too")
     torch.set_num_threads(1)
     from pole_hf.cam_network_training import SYNTHETIC_IMAGE_SIZE
     from pole_hf.data import load_synthetic
@@ -185,7 +187,7 @@ def main(argv=None):
             f"{args.eval_images} held-out images (split `{args.eval_split}`, seed 7), CAM mIoU = best of the "
             f"background threshold sweep 0.05-0.95 and powers 1, 2 (CLIP-ES route rows: the same split rendered at "
             f"the CLIP's 64 px). POLE's words: per (image, class), chosen on the classification network's CAMs; "
-            f"{POLE_ON_CLIMS}: chosen on the CLIMS row's network's CAMs.\n\n"
+            f"Rows ending{ON_CLIMS}: chosen on the CLIMS row's network's CAMs.\n\n"
             + table(per_seed, clip_es, "dense CRF" if crf else "no CRF installed"))
     print(body)
     if not args.no_write:
