@@ -71,8 +71,12 @@ def test_demo_pictures_caption_every_tile_and_keep_class_names_whole(tmp_path):
     assert (caption_row < 128).any()  # text was drawn under the tiles
 
 
-def test_demo_full_adds_the_segmentation_row(tmp_path, capsys):
+def test_demo_full_adds_the_segmentation_row(tmp_path, capsys, monkeypatch):
+    import pole_hf.cam_network_training as training
     from pole_hf.demo import run_demo
+
+    stages, real = [], training.main
+    monkeypatch.setattr(training, "main", lambda argv: stages.append(argv) or real(argv))
 
     small = ["--cpu", "--num_images", "6", "--eval_images", "4", "--seg_config", "tiny", "--seg_steps", "10",
              "--seg_batch_size", "4"]
@@ -87,3 +91,10 @@ def test_demo_full_adds_the_segmentation_row(tmp_path, capsys):
     assert "| **segmentation val mIoU** |" in out and "| CAM network (POLE) |" in out
     for slug in ("official-names", "selected-words", "learned-tokens"):
         assert (tmp_path / "segmentation" / slug / "results.json").is_file()
+    # POLE's words are chosen on the CLIMS network's CAMs, then POLE trains from the classification network
+    order = [(a[a.index("--stage") + 1], os.path.basename(a[a.index("--output_dir") + 1])) for a in stages]
+    assert order == [("classification", "classification"), ("clims", "clims"), ("select", "select"),
+                     ("clims", "pole")]
+    select = stages[2]
+    assert select[select.index("--init_network") + 1] == results["CAM network (CLIMS)"]["network"]
+    assert stages[3][stages[3].index("--init_network") + 1] == results["CAM network (classification)"]["network"]
