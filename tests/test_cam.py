@@ -358,6 +358,8 @@ def test_backward_runs_only_on_real_targets_and_equals_the_padded_batch(tiny_mod
     torch.testing.assert_close(probs[:2], padded_probs[:2], atol=1e-7, rtol=0)
     with pytest.raises(ValueError, match="counts has 2 entries for a batch of 3"):
         backward.gradcam_weights(vision, state, cotangents, "patch_mean", counts=[1, 3])
+    with pytest.raises(ValueError, match="negative entry"):
+        backward.gradcam_weights(vision, state, cotangents, "patch_mean", counts=[1, -1, 3])
     monkeypatch.setattr(backward, "_weights", real)
     pixels = torch.randn(3, 3, 40, 56)
     targets = [[2], [0, 1, 2], [1]]
@@ -369,3 +371,26 @@ def test_backward_runs_only_on_real_targets_and_equals_the_padded_batch(tiny_mod
     torch.testing.assert_close(new[0].cam_scores, old[0].cam_scores, atol=0, rtol=0)
     # CAA on a random CLIP's near-flat maps amplifies float reordering (as batched against single images)
     torch.testing.assert_close(new[1].cams, old[1].cams, atol=1e-4, rtol=0)
+
+
+def test_images_with_equal_target_counts_share_one_backward(tiny_model, monkeypatch):
+    """The padded-slot skip groups images by their number of targets: one batched backward per distinct count
+    (what a GPU batch needs), with the same weights as the padded batch."""
+    import pole_hf._last_block_backward as backward
+
+    vision = tiny_model.clip.vision_model
+    torch.manual_seed(6)
+    hidden, _ = vision_prefix(vision, torch.randn(4, 3, 40, 56))
+    counts = [2, 1, 2, 1]
+    cotangents = torch.randn(2, 4, vision.config.hidden_size)
+    for row, count in enumerate(counts):
+        cotangents[count:, row] = 0
+    state = backward.last_block_forward(vision, hidden)
+    padded, padded_probs = backward.gradcam_weights(vision, state, cotangents, "pooled", attention=True)
+    calls, real = [], backward._weights
+    monkeypatch.setattr(backward, "_weights",
+                        lambda v, s, g, *a: calls.append(tuple(g.shape[:2])) or real(v, s, g, *a))
+    weights, probs = backward.gradcam_weights(vision, state, cotangents, "pooled", attention=True, counts=counts)
+    assert calls == [(1, 2), (2, 2)]  # images 1, 3 with one target; images 0, 2 with two
+    torch.testing.assert_close(weights, padded, atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs, padded_probs, atol=1e-7, rtol=0)

@@ -100,9 +100,9 @@ def token_weights(length: int, kind: str, device) -> torch.Tensor:
     return weights
 
 
-def image_state(state: LastBlockState, row: int) -> LastBlockState:
-    """The part of `state` that belongs to image `row` (views, batch of one)."""
-    return LastBlockState(*(getattr(state, f.name)[row: row + 1] for f in fields(LastBlockState)))
+def image_state(state: LastBlockState, rows: torch.Tensor) -> LastBlockState:
+    """The part of `state` that belongs to the images `rows` (a batch of ``len(rows)``)."""
+    return LastBlockState(*(getattr(state, f.name)[rows] for f in fields(LastBlockState)))
 
 
 def gradcam_weights(vision: nn.Module, state: LastBlockState, pooled_grads: torch.Tensor, kind: str,
@@ -118,9 +118,9 @@ def gradcam_weights(vision: nn.Module, state: LastBlockState, pooled_grads: torc
         kind: the pooling, ``"patch_mean"`` or ``"pooled"`` (see `_clip_internals.pool_tokens`).
         attention: also return the last block's head-averaged attention probabilities ``[B, T, T]`` (CAA's).
         counts: the number of real targets of each image (slots ``j >= counts[b]`` of image `b` are padding);
-            when some image has fewer than `K`, each image runs on its own with its own targets only, so no
-            backward is spent on padding: padded slots' weights are zero, and so is the attention of an image
-            without targets.
+            when some image has fewer than `K`, the images run in groups of equal count, each group on its own
+            targets only (one batched backward per distinct count), so no backward is spent on padding: padded
+            slots' weights are zero, and so is the attention of an image without targets.
 
     Returns:
         ``(weights [K, B, D], attention or None)``, float32.
@@ -128,18 +128,19 @@ def gradcam_weights(vision: nn.Module, state: LastBlockState, pooled_grads: torc
     targets, batch = pooled_grads.shape[:2]
     if counts is not None and len(counts) != batch:
         raise ValueError(f"counts has {len(counts)} entries for a batch of {batch} images: give one per image")
+    if counts is not None and min(counts, default=0) < 0:
+        raise ValueError(f"counts={list(counts)} has a negative entry: give each image's number of targets")
     if counts is None or all(count >= targets for count in counts):
         return _weights(vision, state, pooled_grads, kind, attention)
     weights = pooled_grads.new_zeros(pooled_grads.shape, dtype=torch.float32)
     length = state.tokens.shape[1]
     mean_probs = state.tokens.new_zeros(batch, length, length, dtype=torch.float32) if attention else None
-    for row, count in enumerate(counts):
-        if count <= 0:
-            continue
-        part, probs = _weights(vision, image_state(state, row), pooled_grads[:count, row: row + 1], kind, attention)
-        weights[:count, row: row + 1] = part
+    for count in sorted(set(counts) - {0}):
+        rows = torch.tensor([b for b, c in enumerate(counts) if c == count], device=pooled_grads.device)
+        part, probs = _weights(vision, image_state(state, rows), pooled_grads[:count, rows], kind, attention)
+        weights[:count, rows] = part
         if mean_probs is not None:
-            mean_probs[row: row + 1] = probs
+            mean_probs[rows] = probs
     return weights, mean_probs
 
 

@@ -5,7 +5,7 @@ One forward per batch, without autograd (the CAA blocks hand their attention pro
 autograd runs only from the pooled feature to the scores, and the backward through the last block is written out
 (`_last_block_backward`), batched over every image and target: slot `j` holds the `j`-th target of every image
 (images do not interact in a ViT, so this equals one backward per image and class). When the images' target counts
-differ, each image's backward runs alone on its own targets, so padded slots cost nothing.
+differ, the images with equal counts run together, each group on its own targets, so padded slots cost nothing.
 """
 
 from __future__ import annotations
