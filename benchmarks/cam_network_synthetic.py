@@ -99,27 +99,23 @@ def clip_es_rows(args, selection: str, crf: bool) -> dict:
 
     world = SyntheticWorld()
     heldout_clip = load_synthetic(num_images=args.eval_images, seed=7, image_size=64, split=args.eval_split)
-    rows = {}
-    official = PolePromptModel.from_clip(TINY_CLIP, class_names=world.class_names,
-                                         background_words=world.background_kinds)
-    rows["CLIP-ES route (official names, GradCAM)"] = evaluate(official, heldout_clip, crf)
+    model = PolePromptModel.from_clip(TINY_CLIP, class_names=world.class_names,
+                                      background_words=world.background_kinds)
+    rows = {"CLIP-ES route (official names, GradCAM)": evaluate(model, heldout_clip, crf)}
     if os.path.isfile(selection):
         with open(selection, encoding="utf-8") as f:
-            winners = json.load(f)["winners"]
-        selected = PolePromptModel.from_clip(TINY_CLIP, class_names=world.class_names,
-                                             background_words=world.background_kinds)
-        selected.set_class_words(winners)
-        rows["CLIP-ES route (selected words, GradCAM)"] = evaluate(selected, heldout_clip, crf)
+            model.set_class_words(json.load(f)["winners"])
+        rows["CLIP-ES route (selected words, GradCAM)"] = evaluate(model, heldout_clip, crf)
     return rows
 
 
-def spread(values) -> str:
+def spread(values, sign: str = "") -> str:
+    """`mean ± sd` (one value alone, '-' for none) of the values that are not None; `sign="+"` signs the mean."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+    mean = f"{np.mean(values):{sign}.1f}"
+    return mean if len(values) == 1 else f"{mean} ± {np.std(values, ddof=1):.1f}"
 
 
 def table(per_seed: dict[int, dict], clip_es: dict, how: str) -> str:
@@ -129,13 +125,12 @@ def table(per_seed: dict[int, dict], clip_es: dict, how: str) -> str:
             f"(mean ± sd) | pseudo-mask mIoU ({how}) |")
     lines = [head, "|---|---:|---|---:|---:|"]
     for name in names:
-        cams = [per_seed[s][name][0] for s in seeds if name in per_seed[s]]
-        diffs = [per_seed[s][name][0] - per_seed[s]["CLIMS"][0] for s in seeds
-                 if name in per_seed[s] and "CLIMS" in per_seed[s]] if name in VARIANTS and name != "CLIMS" else []
-        masks = [per_seed[s][name][1] for s in seeds if name in per_seed[s]]
-        signed = spread(diffs)
+        rows = [per_seed[s] for s in seeds if name in per_seed[s]]
+        cams = [row[name][0] for row in rows]
+        paired = name in VARIANTS and name != "CLIMS"
+        diffs = [row[name][0] - row["CLIMS"][0] for row in rows if paired and "CLIMS" in row]
         lines.append(f"| {name} | {spread(cams)} | {' / '.join(f'{c:.1f}' for c in cams)} | "
-                     f"{'+' if diffs and np.mean(diffs) >= 0 else ''}{signed} | {spread(masks)} |")
+                     f"{spread(diffs, '+')} | {spread([row[name][1] for row in rows])} |")
     for name, (cam, mask) in clip_es.items():
         lines.append(f"| {name} | {cam:.1f} | seed {seeds[0]}'s vote | - | {'-' if mask is None else f'{mask:.1f}'} |")
     return "\n".join(lines)

@@ -27,8 +27,6 @@ from quality_synthetic import README, replace_section  # noqa: E402
 from synthetic_args import parse_benchmark_args  # noqa: E402
 
 HEADING = "## Class words and CLIMS's scores (tiny CLIP)"
-
-
 GRID = 8
 FREE_LR = 0.05
 
@@ -46,8 +44,7 @@ def free_masks(objective, model, pixels, truth, labels, pair_words, steps: int, 
         owned[i, classes] = True
     for step in range(steps + 1):
         maps = torch.sigmoid(logits)
-        out = objective(model, maps, pixels, labels, pair_words)
-        loss = 10 * out.otm + 25 * out.btm + out.cbs
+        loss = objective(model, maps, pixels, labels, pair_words).loss
         if step % max(1, steps // 4) == 0:
             with torch.no_grad():
                 up = torch.nn.functional.interpolate(maps, size=truth.shape[-2:], mode="bilinear") > 0.5
@@ -66,10 +63,11 @@ def main(argv=None):
                                 extra=lambda parser: parser.add_argument("--steps", type=int, default=100))
     from pole_hf import PolePromptModel
     from pole_hf.bundled import TINY_CLIP
-    from pole_hf.cam_network_objective import CamNetworkObjective, variant_options, word_text_features
+    from pole_hf.cam_network_objective import CamNetworkObjective, pair_maps, variant_options, word_text_features
     from pole_hf.cam_network_training import normalise
     from pole_hf.data import SyntheticWorld, load_synthetic
     from pole_hf.image_processing_pole import PoleImageProcessor
+    from pole_hf.objective import masked_images
 
     start = time.time()
     world = SyntheticWorld()
@@ -84,16 +82,15 @@ def main(argv=None):
     masks = torch.stack([torch.from_numpy(np.asarray(e["mask"], np.int64)) for e in data])
     labels = [sorted(set(e["labels"])) for e in data]
     truth = torch.stack([(masks == c + 1).float() for c in range(len(names))], dim=1)  # [N, C, H, W]
-    objective = CamNetworkObjective(weights={"otm": 10.0, "btm": 25.0, "cbs": 1.0})
+    objective = CamNetworkObjective()  # POLE's weights, 10 / 25 / 1
     words = [w for candidates in world.candidates.values() for w in candidates]
     with torch.no_grad():
         text = word_text_features(model, words)
-        index = [(i, c) for i, ls in enumerate(labels) for c in ls]
-        fg = torch.stack([pixels[i] * truth[i, c] for i, c in index])
-        bg = torch.stack([pixels[i] * (1 - truth[i, c]) for i, c in index])
+        maps, images, classes = pair_maps(truth, labels)
+        fg, bg = masked_images(pixels, maps, images)
         features = objective.objective.image_features(model, torch.cat([fg, bg]))
-    fg_features, bg_features = features[: len(index)], features[len(index):]
-    classes = torch.tensor([c for _, c in index])
+    pairs = len(classes)
+    fg_features, bg_features = features[:pairs], features[pairs:]
     frequent = [words.index(world.frequent_word(c)) for c in range(len(names))]
     head = ("| class | word | caption share | fg cos (own) | bg cos | fg cos (other classes) | fg - bg | "
             "zero-shot accuracy |")
@@ -116,10 +113,9 @@ def main(argv=None):
               "|---|---:|---:|---:|"]
     for label, pair_words in sets.items():
         values = []
-        for maps in (truth, torch.ones_like(truth)):
+        for given in (truth, torch.ones_like(truth)):
             with torch.no_grad():
-                out = objective(model, maps, pixels, labels, pair_words)
-            values.append(float(10 * out.otm + 25 * out.btm + out.cbs))
+                values.append(float(objective(model, given, pixels, labels, pair_words).loss))
         losses.append(f"| {label} | {values[0]:.2f} | {values[1]:.2f} | {values[1] - values[0]:.2f} |")
     drift = ["| words | step | loss | IoU with the ground truth (maps > 0.5) | mean map |", "|---|---:|---:|---:|---:|"]
     for label in ("official names (CLIMS)", "frequent words"):
@@ -128,7 +124,7 @@ def main(argv=None):
     body = (f"`python benchmarks/word_scores_synthetic.py --num_images {args.num_images} --seed {args.seed} --steps "
             f"{args.steps}` on "
             f"{platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
-            f"{time.time() - start:.0f} s. Bundled tiny CLIP at its {size} px, {len(index)} (image, class) pairs of "
+            f"{time.time() - start:.0f} s. Bundled tiny CLIP at its {size} px, {pairs} (image, class) pairs of "
             f"split `train`, ground-truth masks, CLIP's pooled image feature (CLIMS's), masking on the normalised "
             f"image (CLIMS's).\n\n" + "\n".join(lines) + "\n\nCLIMS's loss (10 OTM + 25 BTM + 1 CBS, mean over "
             "pairs, CBS against the world's four background words) of the same pairs:\n\n" + "\n".join(losses)
